@@ -1,0 +1,368 @@
+//! Shared buffers: memfd regions the writer fills and the receiver maps.
+//!
+//! [`SharedBuf`] is the writer's side: writable, owned, moved into a send.
+//! [`BufView`] is the receiver's side: read-only, backed by the same pages.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use bytemuck::Pod;
+
+use crate::pool::{PoolLease, PoolMapping};
+use crate::sys::{self, MapOptions, Mapping};
+use crate::{Error, Result};
+
+/// Name shown for our regions in `/proc/PID/fd` and `/proc/PID/maps`.
+const MEMFD_NAME: &CStr = c"miniray";
+
+/// A writable shared-memory region owned by this process, ready to be sent.
+///
+/// Created fresh with [`SharedBuf::new`] (a memfd of its own) or taken from a
+/// [`BufferPool`](crate::BufferPool) with `acquire` (a slot of a region
+/// already mapped on both sides: the fast path). The data is page-aligned.
+/// Sending it moves it: once sent, the receiver's [`BufView`] is the only way
+/// to the bytes, and a fresh region is sealed against writes and resizing.
+///
+/// # Examples
+///
+/// ```
+/// let mut buf = miniray::SharedBuf::new(4 * 1024)?;
+/// buf.as_mut_slice::<f32>()?.fill(1.5);
+/// assert_eq!(buf.as_slice::<f32>()?.len(), 1024);
+/// assert_eq!(buf.as_slice::<f32>()?[1023], 1.5);
+/// # Ok::<(), miniray::Error>(())
+/// ```
+pub struct SharedBuf {
+    len: usize,
+    backing: Backing,
+}
+
+enum Backing {
+    /// A memfd of its own; `map` is `None` for an empty buffer.
+    Memfd { fd: OwnedFd, map: Option<Mapping> },
+    /// A slot of a buffer pool.
+    Pooled(PoolLease),
+}
+
+impl SharedBuf {
+    /// A zero-filled region of `len_bytes` in a fresh memfd.
+    ///
+    /// # Errors
+    /// [`Error::FdLimit`] when the process is out of descriptors, otherwise
+    /// [`Error::Buffer`] with what the kernel said.
+    ///
+    /// # Implementation notes
+    /// Pages are allocated on first touch, so filling a fresh region costs a
+    /// page fault per 4 KiB; a [`BufferPool`](crate::BufferPool) pays that
+    /// once and reuses the pages.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let buf = miniray::SharedBuf::new(10)?;
+    /// assert_eq!(buf.as_bytes(), &[0u8; 10]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
+    pub fn new(len_bytes: usize) -> Result<SharedBuf> {
+        let fd = sys::memfd_create(MEMFD_NAME, len_bytes as u64).map_err(Error::buffer)?;
+        let map = match len_bytes {
+            0 => None,
+            _ => Some(map_writable(&fd, len_bytes)?),
+        };
+        Ok(SharedBuf {
+            len: len_bytes,
+            backing: Backing::Memfd { fd, map },
+        })
+    }
+
+    /// A fresh region holding a copy of `data`.
+    ///
+    /// # Errors
+    /// As [`SharedBuf::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    /// assert_eq!(buf.as_slice::<u32>()?, &[1, 2, 3]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
+    pub fn from_slice<T: Pod>(data: &[T]) -> Result<SharedBuf> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut buf = SharedBuf::new(bytes.len())?;
+        buf.as_bytes_mut().copy_from_slice(bytes);
+        Ok(buf)
+    }
+
+    pub(crate) fn pooled(lease: PoolLease) -> SharedBuf {
+        SharedBuf {
+            len: lease.capacity(),
+            backing: Backing::Pooled(lease),
+        }
+    }
+
+    /// Length in bytes (what a send hands over).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Shortens the buffer to `len_bytes`; only that prefix is sent.
+    ///
+    /// # Panics
+    /// If `len_bytes` is larger than the current length.
+    pub fn truncate(&mut self, len_bytes: usize) {
+        assert!(
+            len_bytes <= self.len,
+            "truncate({len_bytes}) on a buffer of {} bytes",
+            self.len
+        );
+        self.len = len_bytes;
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        let ptr = self.data_ptr();
+        if ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: ptr points to a live mapping of at least `len` bytes that
+        // lives as long as `self`; this process writes it only through
+        // `&mut self`.
+        unsafe { std::slice::from_raw_parts(ptr, self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        let ptr = self.data_ptr();
+        if ptr.is_null() {
+            return &mut [];
+        }
+        // SAFETY: as in `as_bytes`, and the mapping is writable; `&mut self`
+        // makes this the only reference into the region in this process.
+        unsafe { std::slice::from_raw_parts_mut(ptr, self.len) }
+    }
+
+    /// The data as a slice of `T`.
+    ///
+    /// # Errors
+    /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    pub fn as_slice<T: Pod>(&self) -> Result<&[T]> {
+        cast(self.as_bytes())
+    }
+
+    /// The data as a mutable slice of `T`.
+    ///
+    /// # Errors
+    /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    pub fn as_mut_slice<T: Pod>(&mut self) -> Result<&mut [T]> {
+        bytemuck::try_cast_slice_mut(self.as_bytes_mut()).map_err(|e| Error::View(e.to_string()))
+    }
+
+    fn data_ptr(&self) -> *mut u8 {
+        match &self.backing {
+            Backing::Memfd { map: Some(map), .. } => map.as_ptr(),
+            Backing::Memfd { map: None, .. } => std::ptr::null_mut(),
+            Backing::Pooled(lease) => lease.data_ptr(),
+        }
+    }
+
+    /// Turns the buffer into what a frame carries: for a fresh region, its
+    /// writable mapping is dropped and the memfd sealed against writes and
+    /// resizing, so the receiver holds the only view of bytes that can no
+    /// longer change.
+    pub(crate) fn into_outgoing(self) -> Result<Outgoing> {
+        match self.backing {
+            Backing::Memfd { fd, map } => {
+                drop(map); // F_SEAL_WRITE needs no writable mapping left.
+                sys::add_seals(
+                    fd.as_fd(),
+                    sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL,
+                )
+                .map_err(Error::Buffer)?;
+                Ok(Outgoing::Memfd { fd, len: self.len })
+            }
+            Backing::Pooled(lease) => Ok(Outgoing::Pooled {
+                lease,
+                len: self.len,
+            }),
+        }
+    }
+}
+
+/// A buffer on its way out, after [`SharedBuf::into_outgoing`].
+pub(crate) enum Outgoing {
+    Memfd { fd: OwnedFd, len: usize },
+    Pooled { lease: PoolLease, len: usize },
+}
+
+impl fmt::Debug for SharedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.backing {
+            Backing::Memfd { .. } => "memfd",
+            Backing::Pooled(_) => "pooled",
+        };
+        f.debug_struct("SharedBuf")
+            .field("len", &self.len)
+            .field("backing", &kind)
+            .finish()
+    }
+}
+
+fn map_writable(fd: &OwnedFd, len: usize) -> Result<Mapping> {
+    let opts = MapOptions {
+        writable: true,
+        populate: false,
+    };
+    Mapping::new(fd.as_fd(), 0, len, opts).map_err(Error::buffer)
+}
+
+fn cast<T: Pod>(bytes: &[u8]) -> Result<&[T]> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| {
+        Error::View(format!(
+            "{} bytes as {}: {e}",
+            bytes.len(),
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// A received shared buffer: read-only, zero-copy.
+///
+/// The pages are the sender's; nothing was copied. A view from a fresh
+/// region is mapped read-only and its descriptor already closed, so holding
+/// many views costs no descriptors. A view of a pool slot hands the slot
+/// back to the sender's pool when dropped.
+///
+/// # Examples
+///
+/// ```
+/// use miniray::{Handle, SharedBuf, Worker};
+///
+/// let mut w = Worker::spawn(|h: &mut Handle| {
+///     let ((), bufs) = h.recv_with::<()>()?;
+///     let view = bufs.into_iter().next().unwrap().into_buf();
+///     h.send(&view.as_slice::<u64>()?.iter().sum::<u64>())
+/// })?;
+/// w.send_with(&(), vec![SharedBuf::from_slice(&[1u64, 2, 3])?.into()])?;
+/// assert_eq!(w.recv::<u64>()?, 6);
+/// w.wait()?;
+/// # Ok::<(), miniray::Error>(())
+/// ```
+pub struct BufView {
+    len: usize,
+    backing: ViewBacking,
+}
+
+enum ViewBacking {
+    Empty,
+    Memfd(Mapping),
+    Pooled { pool: Arc<PoolMapping>, slot: u32 },
+}
+
+impl BufView {
+    /// Maps a received memfd read-only after checking its seals, and
+    /// closes the descriptor.
+    pub(crate) fn from_memfd(fd: OwnedFd, len: usize) -> Result<BufView> {
+        check_sealed(&fd)?;
+        let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
+        if len as u64 > size {
+            return Err(Error::Protocol(format!(
+                "attachment of {len} bytes in a region of {size} bytes"
+            )));
+        }
+        if len == 0 {
+            return Ok(BufView {
+                len,
+                backing: ViewBacking::Empty,
+            });
+        }
+        let opts = MapOptions {
+            writable: false,
+            populate: false,
+        };
+        let map = Mapping::new(fd.as_fd(), 0, len, opts).map_err(Error::buffer)?;
+        Ok(BufView {
+            len,
+            backing: ViewBacking::Memfd(map),
+        }) // `fd` closes here.
+    }
+
+    pub(crate) fn pooled(pool: Arc<PoolMapping>, slot: u32, len: usize) -> BufView {
+        debug_assert!(len <= pool.slot_len());
+        BufView {
+            len,
+            backing: ViewBacking::Pooled { pool, slot },
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        let ptr = match &self.backing {
+            ViewBacking::Empty => return &[],
+            ViewBacking::Memfd(map) => map.as_ptr(),
+            ViewBacking::Pooled { pool, slot } => pool.slot_ptr(*slot),
+        };
+        // SAFETY: ptr points to a live read-only mapping of at least `len`
+        // bytes held by `self`. A fresh region is write-sealed; a pool slot
+        // is not written by a well-behaved sender while a view holds it
+        // (the trusted-peer model of docs/ZERO_COPY.md).
+        unsafe { std::slice::from_raw_parts(ptr, self.len) }
+    }
+
+    /// The data as a slice of `T`.
+    ///
+    /// # Errors
+    /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    pub fn as_slice<T: Pod>(&self) -> Result<&[T]> {
+        cast(self.as_bytes())
+    }
+
+    /// Whether this view is a pool slot (returned to the pool on drop).
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.backing, ViewBacking::Pooled { .. })
+    }
+}
+
+impl Drop for BufView {
+    fn drop(&mut self) {
+        if let ViewBacking::Pooled { pool, slot } = &self.backing {
+            pool.release(*slot);
+        }
+    }
+}
+
+impl fmt::Debug for BufView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufView")
+            .field("len", &self.len)
+            .field("pooled", &self.is_pooled())
+            .finish()
+    }
+}
+
+/// Refuses a region whose size its sender could still change.
+pub(crate) fn check_sealed(fd: &OwnedFd) -> Result<()> {
+    let seals = sys::seals(fd.as_fd())
+        .map_err(|e| Error::Protocol(format!("an attachment is not a sealable memfd ({e})")))?;
+    if seals & sys::SEAL_SIZE != sys::SEAL_SIZE {
+        return Err(Error::Unsealed { seals });
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! MiniRay: worker processes, typed messages, and zero-copy shared buffers.
+//!
+//! A research training loop spawns worker processes, talks to them with
+//! typed messages, and hands them large batches and tensors without copying.
+//!
+//! - A [`Worker`] is a child process joined to its parent by a Unix socket.
+//!   [`Worker::spawn`] forks and runs a closure; [`Worker::exec`] starts the
+//!   same binary again at an entry point registered with [`dispatch`].
+//! - Messages are any type with rkyv's derives ([`Message`]); they are
+//!   archived with [`rkyv`], framed with a fixed header, and validated on
+//!   arrival: bad bytes are an [`Error::Protocol`], never undefined
+//!   behaviour.
+//! - Big data lives in [`SharedBuf`]s and [`Tensor`]s: memfd regions whose
+//!   descriptors cross the socket, so the receiver maps the very same pages.
+//!   A [`BufferPool`] keeps regions mapped on both sides so a steady-state
+//!   hand-off sends a slot number and nothing else.
+//!
+//! # A worker
+//!
+//! ```
+//! use miniray::{Handle, Worker};
+//!
+//! let mut w = Worker::spawn(|h: &mut Handle| -> miniray::Result<()> {
+//!     let x: u64 = h.recv()?;
+//!     h.send(&(x + 1))
+//! })?;
+//! w.send(&41u64)?;
+//! let y: u64 = w.recv()?;
+//! assert_eq!(y, 42);
+//! w.wait()?;
+//! # Ok::<(), miniray::Error>(())
+//! ```
+//!
+//! # Your own message types
+//!
+//! Derive against the re-exported `rkyv`, so both sides agree on its version:
+//!
+//! ```
+//! use miniray::rkyv::{Archive, Deserialize, Serialize};
+//!
+//! #[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+//! #[rkyv(crate = miniray::rkyv)]
+//! enum Command {
+//!     Train { rank: u32, world_size: u32 },
+//!     Stop,
+//! }
+//!
+//! let mut w = miniray::Worker::spawn(|h| loop {
+//!     match h.recv::<Command>()? {
+//!         Command::Train { rank, world_size } => h.send(&format!("{rank}/{world_size}"))?,
+//!         Command::Stop => return Ok(()),
+//!     }
+//! })?;
+//! w.send(&Command::Train { rank: 1, world_size: 4 })?;
+//! assert_eq!(w.recv::<String>()?, "1/4");
+//! w.send(&Command::Stop)?;
+//! assert!(w.wait()?.success());
+//! # Ok::<(), miniray::Error>(())
+//! ```
+//!
+//! # Tensors without copies
+//!
+//! ```
+//! use miniray::{Tensor, Worker};
+//!
+//! let mut w = Worker::spawn(|h| {
+//!     let ((), mut inputs) = h.recv_with::<()>()?;
+//!     let x = inputs.remove(0).into_tensor()?;
+//!     let sum: f32 = x.as_slice::<f32>()?.iter().sum();
+//!     h.send(&(x.shape().to_vec(), sum))
+//! })?;
+//! let batch = Tensor::from_slice(&[1.0f32; 6], &[2, 3])?;
+//! w.send_with(&(), vec![batch.into()])?; // the batch moves; the worker maps its pages
+//! let (shape, sum): (Vec<usize>, f32) = w.recv()?;
+//! assert_eq!((shape, sum), (vec![2, 3], 6.0));
+//! w.wait()?;
+//! # Ok::<(), miniray::Error>(())
+//! ```
+//!
+//! # Many workers
+//!
+//! [`recv_any`] returns whichever worker answers first, so one slow worker
+//! never holds up the rest. Failures are values: a worker that panics,
+//! exits or is killed makes `recv` return [`Error::WorkerDied`] with its pid
+//! and exit status.
+//!
+//! The layout of the bytes on the socket is specified in `docs/PROTOCOL.md`;
+//! how a buffer travels and who owns it when is in `docs/ZERO_COPY.md`.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod buffer;
+mod entry;
+mod error;
+mod handle;
+mod link;
+mod pool;
+mod sys;
+mod tensor;
+mod wire;
+mod worker;
+
+pub use buffer::{BufView, SharedBuf};
+pub use entry::{EntryFn, dispatch};
+pub use error::{Error, Result};
+pub use handle::Handle;
+pub use link::Message;
+pub use pool::{BufferPool, MAX_POOL_SLOTS};
+pub use tensor::{Attachment, DType, Element, Received, Tensor, TensorView};
+pub use wire::Limits;
+pub use worker::{Builder, ExitStatus, Worker, recv_any, recv_any_with};
+
+/// The rkyv version messages are archived with; derive against it.
+pub use rkyv;

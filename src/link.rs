@@ -1,0 +1,551 @@
+//! One end of a socket between two MiniRay processes: frames out, frames in.
+//!
+//! Both [`Worker`](crate::Worker) and [`Handle`](crate::Handle) are a `Link`
+//! plus what their side knows (the worker's pid, or nothing). The link owns
+//! the reusable encode buffer, the partial-frame state of the reader, and
+//! which pools each side has shown the other.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytemuck::Zeroable;
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor;
+use rkyv::ser::allocator::{Arena, ArenaHandle};
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::buffer::{BufView, Outgoing};
+use crate::pool::{BufferPool, PoolLease, PoolShared, ReceivedPools};
+use crate::sys::{self, PollFd};
+use crate::tensor::{Attachment, DType, Received, TensorView};
+use crate::wire::{AttachmentDesc, DESC_LEN, FrameHeader, HEADER_LEN, Limits, attach};
+use crate::{Error, Result};
+
+/// A type that can travel as a MiniRay message: anything with rkyv 0.8's
+/// `Archive`, `Serialize` and `Deserialize` derives (and `bytecheck`, which
+/// rkyv's derive provides), so a received archive is validated before use.
+///
+/// Implemented automatically; derive against the re-exported [`rkyv`].
+///
+/// # Examples
+///
+/// ```
+/// use miniray::rkyv::{Archive, Deserialize, Serialize};
+///
+/// #[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+/// #[rkyv(crate = miniray::rkyv)]
+/// struct Step {
+///     rank: u32,
+///     lr: f32,
+///     tag: String,
+/// }
+///
+/// fn takes_messages<T: miniray::Message>() {}
+/// takes_messages::<Step>();
+/// takes_messages::<(u64, Vec<f32>)>();
+/// ```
+pub trait Message:
+    Sized
+    + Archive<
+        Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+                      + Deserialize<Self, HighDeserializer<rancor::Error>>,
+    > + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+{
+}
+
+impl<T> Message for T where
+    T: Archive<
+            Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+                          + Deserialize<T, HighDeserializer<rancor::Error>>,
+        > + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+{
+}
+
+/// How long a receive may wait.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Wait {
+    /// Return at once if no whole frame is there.
+    Now,
+    /// Wait until the deadline; `Timeout` names the original duration.
+    Until(Instant, Duration),
+    /// Wait as long as it takes.
+    Forever,
+}
+
+impl Wait {
+    pub(crate) fn timeout(timeout: Duration) -> Wait {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => Wait::Until(deadline, timeout),
+            None => Wait::Forever,
+        }
+    }
+
+    /// Time left to poll: `None` = forever; `Some(0)` = expired or `Now`.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        match *self {
+            Wait::Now => Some(Duration::ZERO),
+            Wait::Until(deadline, _) => Some(deadline.saturating_duration_since(Instant::now())),
+            Wait::Forever => None,
+        }
+    }
+
+    pub(crate) fn expired(&self) -> Error {
+        match *self {
+            Wait::Until(_, timeout) => Error::timeout(timeout),
+            _ => Error::timeout(Duration::ZERO),
+        }
+    }
+}
+
+/// A fresh id per link, so a pool knows which peer holds which slot.
+fn next_peer_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(crate) struct Link {
+    sock: OwnedFd,
+    limits: Limits,
+    peer_id: u64,
+    out: AlignedVec,
+    arena: Arena,
+    reader: FrameReader,
+    /// Pools whose descriptor this peer already has.
+    sent_pools: Vec<(u64, Weak<PoolShared>)>,
+    recv_pools: ReceivedPools,
+}
+
+impl Link {
+    pub(crate) fn new(sock: OwnedFd, limits: Limits) -> Link {
+        limits.assert_valid();
+        Link {
+            sock,
+            limits,
+            peer_id: next_peer_id(),
+            out: AlignedVec::new(),
+            arena: Arena::new(),
+            reader: FrameReader::default(),
+            sent_pools: Vec::new(),
+            recv_pools: ReceivedPools::default(),
+        }
+    }
+
+    // -- sending ------------------------------------------------------------
+
+    pub(crate) fn send<T: Message>(&mut self, msg: &T, attachments: Vec<Attachment>) -> Result<()> {
+        if attachments.len() > self.limits.max_attachments as usize {
+            let max = self.limits.max_attachments;
+            return Err(Error::Encode(format!(
+                "{} attachments exceed the limit of {max}",
+                attachments.len()
+            )));
+        }
+        self.encode(msg)?;
+        let mut out = OutgoingSet::default();
+        for att in attachments {
+            out.push(att, self)?;
+        }
+        let header = FrameHeader::message(out.descs.len(), self.out.len());
+        let descs: &[u8] = bytemuck::cast_slice(&out.descs);
+        let mut iov = [
+            IoSlice::new(bytemuck::bytes_of(&header)),
+            IoSlice::new(descs),
+            IoSlice::new(&self.out),
+        ];
+        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.fd()).collect();
+        write_all(self.sock.as_fd(), &mut iov, &fds).map_err(send_error)?;
+        drop(fds);
+        self.commit(out);
+        Ok(())
+    }
+
+    fn encode<T: Message>(&mut self, msg: &T) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.out);
+        buf.clear();
+        let encoded = rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(
+            msg,
+            buf,
+            self.arena.acquire(),
+        );
+        self.out = encoded.map_err(|e| Error::Encode(e.to_string()))?;
+        if self.out.len() as u64 > self.limits.max_payload_bytes {
+            let max = self.limits.max_payload_bytes;
+            return Err(Error::FrameTooLarge {
+                len: self.out.len() as u64,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn pool_known(&self, id: u64) -> bool {
+        self.sent_pools.iter().any(|(known, _)| *known == id)
+    }
+
+    /// The frame is out: pooled slots now belong to the peer, and new pools
+    /// are known to it.
+    fn commit(&mut self, out: OutgoingSet) {
+        for lease in out.leases {
+            lease.commit_send(self.peer_id);
+        }
+        self.sent_pools
+            .extend(out.new_pools.iter().map(|p| (p.id(), Arc::downgrade(p))));
+    }
+
+    /// Gives back every pool slot this peer held: call once the peer is dead.
+    pub(crate) fn reclaim_pool_slots(&mut self) {
+        for (_, pool) in &self.sent_pools {
+            if let Some(pool) = pool.upgrade() {
+                BufferPool::reclaim(&pool, self.peer_id);
+            }
+        }
+    }
+
+    // -- receiving ----------------------------------------------------------
+
+    /// Reads until a whole frame is buffered, or `wait` runs out.
+    ///
+    /// `exit` is a pidfd of the peer process: if it fires with no whole
+    /// frame buffered, the peer is gone for good and this returns
+    /// [`Error::Disconnected`] even if a descendant still holds its socket.
+    pub(crate) fn recv<T: Message>(
+        &mut self,
+        wait: Wait,
+        exit: Option<BorrowedFd<'_>>,
+    ) -> Result<Option<(T, Vec<Received>)>> {
+        if !self.wait_frame(wait, exit)? {
+            return Ok(None);
+        }
+        self.take_message().map(Some)
+    }
+
+    fn wait_frame(&mut self, wait: Wait, exit: Option<BorrowedFd<'_>>) -> Result<bool> {
+        if let Wait::Now = wait {
+            return self.fill_now();
+        }
+        loop {
+            let (sock_ready, exit_ready) = self.poll(exit, wait.remaining())?;
+            if sock_ready && self.fill_now()? {
+                return Ok(true);
+            }
+            if exit_ready {
+                // Data the peer wrote before dying is still ours to read.
+                return if self.fill_now()? {
+                    Ok(true)
+                } else {
+                    Err(Error::Disconnected)
+                };
+            }
+            if !sock_ready && wait.remaining() == Some(Duration::ZERO) {
+                return Err(wait.expired());
+            }
+        }
+    }
+
+    fn poll(
+        &self,
+        exit: Option<BorrowedFd<'_>>,
+        timeout: Option<Duration>,
+    ) -> Result<(bool, bool)> {
+        let mut fds = [
+            PollFd::readable(self.sock.as_fd()),
+            PollFd::readable(exit.unwrap_or(self.sock.as_fd())),
+        ];
+        let n = if exit.is_some() { 2 } else { 1 };
+        sys::poll(&mut fds[..n], timeout).map_err(Error::Recv)?;
+        Ok((fds[0].is_ready(), exit.is_some() && fds[1].is_ready()))
+    }
+
+    /// Reads what the socket has without blocking; true once a whole frame
+    /// is buffered.
+    pub(crate) fn fill_now(&mut self) -> Result<bool> {
+        self.reader.fill(self.sock.as_fd(), &self.limits)
+    }
+
+    /// Decodes the buffered frame: attachments first (so a bad message
+    /// still releases every slot and descriptor it carried), then the
+    /// archive.
+    pub(crate) fn take_message<T: Message>(&mut self) -> Result<(T, Vec<Received>)> {
+        let frame = self.reader.take()?;
+        let body = &self.reader.body[..frame.body_len];
+        let (desc_bytes, payload) = body.split_at(frame.header.attachments as usize * DESC_LEN);
+        let received = decode_attachments(desc_bytes, frame.fds, &mut self.recv_pools)?;
+        let msg = rkyv::from_bytes::<T, rancor::Error>(payload)
+            .map_err(|e| Error::Protocol(format!("invalid message archive: {e}")))?;
+        Ok((msg, received))
+    }
+}
+
+impl AsFd for Link {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+/// What one send carries besides the archive.
+#[derive(Default)]
+struct OutgoingSet {
+    descs: Vec<AttachmentDesc>,
+    fds: Vec<FdSource>,
+    leases: Vec<PoolLease>,
+    new_pools: Vec<Arc<PoolShared>>,
+}
+
+enum FdSource {
+    Memfd(OwnedFd),
+    Pool(Arc<PoolShared>),
+}
+
+impl FdSource {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            FdSource::Memfd(fd) => fd.as_fd(),
+            FdSource::Pool(pool) => pool.fd(),
+        }
+    }
+}
+
+impl OutgoingSet {
+    fn push(&mut self, att: Attachment, link: &Link) -> Result<()> {
+        let mut desc = AttachmentDesc::zeroed();
+        let buf = match att {
+            Attachment::Buf(buf) => buf,
+            Attachment::Tensor(t) => {
+                desc.set_tensor(t.dtype().code(), t.shape());
+                t.into_buf()
+            }
+        };
+        match buf.into_outgoing()? {
+            Outgoing::Memfd { fd, len } => {
+                desc.kind = attach::MEMFD;
+                desc.len_bytes = len as u64;
+                self.fds.push(FdSource::Memfd(fd));
+            }
+            Outgoing::Pooled { lease, len } => {
+                let pool = lease.pool();
+                desc.kind = attach::POOLED;
+                desc.len_bytes = len as u64;
+                desc.pool_id = pool.id();
+                desc.slot = lease.slot();
+                if !link.pool_known(pool.id())
+                    && !self.new_pools.iter().any(|p| p.id() == pool.id())
+                {
+                    desc.flags |= attach::POOL_FD;
+                    self.fds.push(FdSource::Pool(pool.clone()));
+                    self.new_pools.push(pool.clone());
+                }
+                lease.prepare_send();
+                self.leases.push(lease);
+            }
+        }
+        self.descs.push(desc);
+        Ok(())
+    }
+}
+
+fn send_error(err: io::Error) -> Error {
+    if sys::is_peer_gone(&err) {
+        Error::Disconnected
+    } else {
+        Error::Send(err)
+    }
+}
+
+/// Writes every byte of `iov`; the descriptors go with the first byte.
+fn write_all(
+    sock: BorrowedFd<'_>,
+    mut iov: &mut [IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let mut fds = fds;
+    while !iov.is_empty() {
+        let n = sys::send_msg(sock, iov, fds)?;
+        fds = &[];
+        IoSlice::advance_slices(&mut iov, n);
+    }
+    Ok(())
+}
+
+fn decode_attachments(
+    desc_bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    pools: &mut ReceivedPools,
+) -> Result<Vec<Received>> {
+    let mut fds = fds.into_iter();
+    let mut out = Vec::with_capacity(desc_bytes.len() / DESC_LEN);
+    for chunk in desc_bytes.chunks_exact(DESC_LEN) {
+        let desc: AttachmentDesc = bytemuck::pod_read_unaligned(chunk);
+        out.push(decode_one(&desc, &mut fds, pools)?);
+    }
+    if fds.next().is_some() {
+        return Err(Error::Protocol("more descriptors than attachments".into()));
+    }
+    Ok(out)
+}
+
+fn decode_one(
+    desc: &AttachmentDesc,
+    fds: &mut impl Iterator<Item = OwnedFd>,
+    pools: &mut ReceivedPools,
+) -> Result<Received> {
+    let mut next_fd = || {
+        fds.next()
+            .ok_or_else(|| Error::Protocol("attachment without its descriptor".into()))
+    };
+    let len = usize::try_from(desc.len_bytes)
+        .map_err(|_| Error::Protocol("attachment length overflows".into()))?;
+    let view = match desc.kind {
+        attach::MEMFD => BufView::from_memfd(next_fd()?, len)?,
+        attach::POOLED => {
+            if desc.flags & attach::POOL_FD != 0 {
+                pools.register(desc.pool_id, next_fd()?)?;
+            }
+            let pool = pools.get(desc.pool_id)?;
+            if desc.slot >= pool.slots() || len > pool.slot_len() {
+                return Err(Error::Protocol(format!(
+                    "slot {} of {len} bytes is outside its pool",
+                    desc.slot
+                )));
+            }
+            BufView::pooled(pool.clone(), desc.slot, len)
+        }
+        other => return Err(Error::Protocol(format!("unknown attachment kind {other}"))),
+    };
+    match desc.dtype {
+        0 => Ok(Received::Buf(view)),
+        code => Ok(Received::Tensor(TensorView::new(
+            DType::from_code(code)?,
+            desc.shape()?,
+            view,
+        )?)),
+    }
+}
+
+/// A frame whose bytes are all buffered.
+struct Frame {
+    header: FrameHeader,
+    body_len: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// Reads one frame at a time, across as many non-blocking reads as it takes.
+#[derive(Default)]
+struct FrameReader {
+    header: [u8; HEADER_LEN],
+    header_got: usize,
+    /// Descriptors + payload; 16-byte aligned for rkyv. Grows, never shrinks.
+    body: AlignedVec,
+    /// Set once the header is whole and checked.
+    body_len: Option<usize>,
+    body_got: usize,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+    /// Set by a framing error: the stream can no longer be trusted.
+    broken: Option<String>,
+}
+
+impl FrameReader {
+    /// Reads without blocking; true once a whole frame is buffered.
+    fn fill(&mut self, sock: BorrowedFd<'_>, limits: &Limits) -> Result<bool> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Protocol(format!(
+                "connection unusable after an earlier error: {why}"
+            )));
+        }
+        loop {
+            let body_len = match self.body_len {
+                Some(len) => len,
+                None if self.header_got < HEADER_LEN => {
+                    let got = self.header_got;
+                    match self.read(sock, limits, Target::Header(got))? {
+                        Some(n) => self.header_got += n,
+                        None => return Ok(false),
+                    }
+                    continue;
+                }
+                None => self.start_body(limits)?,
+            };
+            if self.body_got == body_len {
+                return Ok(true);
+            }
+            match self.read(sock, limits, Target::Body(self.body_got, body_len))? {
+                Some(n) => self.body_got += n,
+                None => return Ok(false),
+            }
+        }
+    }
+
+    fn start_body(&mut self, limits: &Limits) -> Result<usize> {
+        let header: FrameHeader = bytemuck::pod_read_unaligned(&self.header);
+        let len = header
+            .check(limits)
+            .inspect_err(|e| self.broken = Some(e.to_string()))?;
+        if self.body.len() < len {
+            self.body.resize(len, 0);
+        }
+        self.body_len = Some(len);
+        Ok(len)
+    }
+
+    /// One non-blocking `recvmsg`; `None` when the socket is empty.
+    fn read(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        limits: &Limits,
+        target: Target,
+    ) -> Result<Option<usize>> {
+        let buf = match target {
+            Target::Header(got) => &mut self.header[got..],
+            Target::Body(got, len) => &mut self.body[got..len],
+        };
+        let max_fds = limits.max_attachments as usize;
+        match sys::recv_msg(sock, buf, &mut self.fds, max_fds, true) {
+            Ok(r) if r.len == 0 => Err(self.eof()),
+            Ok(r) => {
+                self.truncated |= r.truncated;
+                Ok(Some(r.len))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if sys::is_peer_gone(&e) => Err(Error::Disconnected),
+            Err(e) => Err(Error::Recv(e)),
+        }
+    }
+
+    fn eof(&mut self) -> Error {
+        if self.header_got == 0 {
+            return Error::Disconnected;
+        }
+        self.broken = Some("the peer closed the connection in the middle of a frame".into());
+        Error::Disconnected
+    }
+
+    /// Hands out the buffered frame and readies the reader for the next.
+    fn take(&mut self) -> Result<Frame> {
+        let body_len = self.body_len.take().expect("take() without a whole frame");
+        let header: FrameHeader = bytemuck::pod_read_unaligned(&self.header);
+        self.header_got = 0;
+        self.body_got = 0;
+        let fds = std::mem::take(&mut self.fds);
+        if std::mem::take(&mut self.truncated) {
+            // The frame is consumed; `fds` closes what did arrive.
+            return Err(Error::FdLimit {
+                limit: sys::fd_limit(),
+            });
+        }
+        Ok(Frame {
+            header,
+            body_len,
+            fds,
+        })
+    }
+}
+
+enum Target {
+    Header(usize),
+    Body(usize, usize),
+}

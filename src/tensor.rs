@@ -1,0 +1,416 @@
+//! Tensors: a dtype and a shape over a shared buffer.
+
+use std::fmt;
+
+use bytemuck::Pod;
+
+use crate::buffer::{BufView, SharedBuf};
+use crate::wire::MAX_DIMS;
+use crate::{Error, Result};
+
+/// Element type of a tensor. Half-precision types are carried as raw `u16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// IEEE 754 half precision, read as `u16`.
+    F16,
+    /// bfloat16, read as `u16`.
+    BF16,
+    /// `f32`.
+    F32,
+    /// `f64`.
+    F64,
+    /// `u8`.
+    U8,
+    /// `i8`.
+    I8,
+    /// `u16`.
+    U16,
+    /// `i16`.
+    I16,
+    /// `u32`.
+    U32,
+    /// `i32`.
+    I32,
+    /// `u64`.
+    U64,
+    /// `i64`.
+    I64,
+}
+
+impl DType {
+    const ALL: [DType; 12] = [
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::U8,
+        DType::I8,
+        DType::U16,
+        DType::I16,
+        DType::U32,
+        DType::I32,
+        DType::U64,
+        DType::I64,
+    ];
+
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::U8 | DType::I8 => 1,
+            DType::F16 | DType::BF16 | DType::U16 | DType::I16 => 2,
+            DType::F32 | DType::U32 | DType::I32 => 4,
+            DType::F64 | DType::U64 | DType::I64 => 8,
+        }
+    }
+
+    /// The code on the wire (see `docs/PROTOCOL.md`); 0 means "not a tensor".
+    pub(crate) fn code(self) -> u32 {
+        Self::ALL
+            .iter()
+            .position(|&d| d == self)
+            .expect("every dtype is listed") as u32
+            + 1
+    }
+
+    pub(crate) fn from_code(code: u32) -> Result<DType> {
+        let index = (code as usize).checked_sub(1);
+        index
+            .and_then(|i| Self::ALL.get(i).copied())
+            .ok_or_else(|| Error::Protocol(format!("unknown dtype code {code}")))
+    }
+}
+
+/// A plain element type that tensor data can be read as.
+///
+/// Implemented for the primitive numbers; `u16` also reads `F16` and `BF16`
+/// tensors, whose bits it carries unchanged.
+pub trait Element: Pod {
+    /// The dtype a tensor built from `Self` gets.
+    const DTYPE: DType;
+
+    /// Whether a tensor of `dtype` can be read as `Self`.
+    fn reads(dtype: DType) -> bool {
+        dtype == Self::DTYPE
+    }
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),*) => { $(impl Element for $t { const DTYPE: DType = DType::$d; })* };
+}
+element!(f32 => F32, f64 => F64, u8 => U8, i8 => I8, i16 => I16, u32 => U32, i32 => I32, u64 => U64, i64 => I64);
+
+impl Element for u16 {
+    const DTYPE: DType = DType::U16;
+
+    fn reads(dtype: DType) -> bool {
+        matches!(dtype, DType::U16 | DType::F16 | DType::BF16)
+    }
+}
+
+/// Bytes needed for `shape` of `dtype`, checked for overflow and rank.
+fn byte_len(dtype: DType, shape: &[usize]) -> Result<usize> {
+    if shape.len() > MAX_DIMS {
+        return Err(Error::View(format!(
+            "{} dimensions (limit {MAX_DIMS})",
+            shape.len()
+        )));
+    }
+    shape
+        .iter()
+        .try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::View(format!("shape {shape:?} overflows")))
+}
+
+fn check_reads<T: Element>(dtype: DType) -> Result<()> {
+    if !T::reads(dtype) {
+        return Err(Error::View(format!(
+            "a {dtype:?} tensor cannot be read as {}",
+            std::any::type_name::<T>()
+        )));
+    }
+    Ok(())
+}
+
+/// A contiguous row-major tensor in a [`SharedBuf`], owned and writable.
+///
+/// Its data starts page-aligned. Send it with
+/// [`Worker::send_with`](crate::Worker::send_with); the receiver gets a
+/// [`TensorView`] over the same pages.
+///
+/// # Examples
+///
+/// ```
+/// use miniray::{DType, Tensor};
+///
+/// let mut t = Tensor::zeros(DType::F32, &[2, 3])?;
+/// t.as_mut_slice::<f32>()?.copy_from_slice(&[1., 2., 3., 4., 5., 6.]);
+/// assert_eq!(t.shape(), &[2, 3]);
+/// assert_eq!(t.as_slice::<f32>()?[5], 6.0);
+/// assert!(t.as_slice::<i32>().is_err()); // dtype is checked
+/// # Ok::<(), miniray::Error>(())
+/// ```
+pub struct Tensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    buf: SharedBuf,
+}
+
+impl Tensor {
+    /// A zero-filled tensor in a fresh memfd, to be filled in place.
+    ///
+    /// # Errors
+    /// [`Error::View`] for a shape over 8 dimensions or one that overflows;
+    /// otherwise as [`SharedBuf::new`].
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let buf = SharedBuf::new(byte_len(dtype, shape)?)?;
+        Ok(Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            buf,
+        })
+    }
+
+    /// A tensor holding a copy of `data`, shaped `shape`.
+    ///
+    /// # Errors
+    /// [`Error::View`] if `shape` does not hold exactly `data.len()`
+    /// elements; otherwise as [`SharedBuf::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::from_slice(&[1i64, 2, 3, 4], &[2, 2])?;
+    /// assert_eq!(t.dtype(), miniray::DType::I64);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let len = byte_len(T::DTYPE, shape)?;
+        if len != std::mem::size_of_val(data) {
+            return Err(Error::View(format!(
+                "shape {shape:?} does not hold {} elements",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            dtype: T::DTYPE,
+            shape: shape.to_vec(),
+            buf: SharedBuf::from_slice(data)?,
+        })
+    }
+
+    /// A tensor over an existing buffer (for example a pool slot), which is
+    /// shortened to exactly the tensor's bytes.
+    ///
+    /// # Errors
+    /// [`Error::View`] if the buffer is smaller than the shape needs.
+    pub fn from_buf(mut buf: SharedBuf, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let len = byte_len(dtype, shape)?;
+        if len > buf.len() {
+            return Err(Error::View(format!(
+                "shape {shape:?} of {dtype:?} needs {len} bytes, buffer has {}",
+                buf.len()
+            )));
+        }
+        buf.truncate(len);
+        Ok(Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            buf,
+        })
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Dimensions, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The elements.
+    ///
+    /// # Errors
+    /// [`Error::View`] if `T` does not match the dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        check_reads::<T>(self.dtype)?;
+        self.buf.as_slice()
+    }
+
+    /// The elements, writable.
+    ///
+    /// # Errors
+    /// [`Error::View`] if `T` does not match the dtype.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        check_reads::<T>(self.dtype)?;
+        self.buf.as_mut_slice()
+    }
+
+    /// The buffer underneath.
+    pub fn into_buf(self) -> SharedBuf {
+        self.buf
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+/// A received tensor: read-only and zero-copy.
+pub struct TensorView {
+    dtype: DType,
+    shape: Vec<usize>,
+    buf: BufView,
+}
+
+impl TensorView {
+    pub(crate) fn new(dtype: DType, shape: Vec<usize>, buf: BufView) -> Result<TensorView> {
+        let len = byte_len(dtype, &shape).map_err(|e| Error::Protocol(e.to_string()))?;
+        if len != buf.len() {
+            return Err(Error::Protocol(format!(
+                "tensor {shape:?} of {dtype:?} sent with {} bytes",
+                buf.len()
+            )));
+        }
+        Ok(TensorView { dtype, shape, buf })
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Dimensions, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The elements.
+    ///
+    /// # Errors
+    /// [`Error::View`] if `T` does not match the dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        check_reads::<T>(self.dtype)?;
+        self.buf.as_slice()
+    }
+
+    /// The buffer underneath.
+    pub fn into_buf(self) -> BufView {
+        self.buf
+    }
+}
+
+impl fmt::Debug for TensorView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TensorView")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+/// Something to attach to a message: moved into the send.
+#[derive(Debug)]
+pub enum Attachment {
+    /// Plain bytes.
+    Buf(SharedBuf),
+    /// A tensor; its dtype and shape travel with it.
+    Tensor(Tensor),
+}
+
+impl From<SharedBuf> for Attachment {
+    fn from(buf: SharedBuf) -> Self {
+        Attachment::Buf(buf)
+    }
+}
+
+impl From<Tensor> for Attachment {
+    fn from(t: Tensor) -> Self {
+        Attachment::Tensor(t)
+    }
+}
+
+/// An attachment as received, in the order it was attached.
+#[derive(Debug)]
+pub enum Received {
+    /// Plain bytes.
+    Buf(BufView),
+    /// A tensor.
+    Tensor(TensorView),
+}
+
+impl Received {
+    /// The tensor, or an error if plain bytes were sent.
+    ///
+    /// # Errors
+    /// [`Error::View`] if the sender attached a plain buffer.
+    pub fn into_tensor(self) -> Result<TensorView> {
+        match self {
+            Received::Tensor(t) => Ok(t),
+            Received::Buf(_) => Err(Error::View(
+                "attachment is plain bytes, not a tensor".into(),
+            )),
+        }
+    }
+
+    /// The bytes, whether sent as a buffer or a tensor.
+    pub fn into_buf(self) -> BufView {
+        match self {
+            Received::Tensor(t) => t.into_buf(),
+            Received::Buf(b) => b,
+        }
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Received::Tensor(t) => t.buf.as_bytes(),
+            Received::Buf(b) => b.as_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_codes_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(DType::from_code(d.code()).unwrap(), d);
+        }
+        assert!(DType::from_code(0).is_err());
+        assert!(DType::from_code(13).is_err());
+    }
+
+    #[test]
+    fn byte_len_checks_overflow_and_rank() {
+        assert_eq!(byte_len(DType::F32, &[2, 3]).unwrap(), 24);
+        assert_eq!(byte_len(DType::F32, &[]).unwrap(), 4);
+        assert!(byte_len(DType::F64, &[usize::MAX, 2]).is_err());
+        assert!(byte_len(DType::U8, &[1; 9]).is_err());
+    }
+
+    #[test]
+    fn u16_reads_half_types() {
+        assert!(u16::reads(DType::BF16) && u16::reads(DType::F16));
+        assert!(!f32::reads(DType::I32));
+    }
+}
