@@ -18,6 +18,8 @@ pub(crate) const ENV_FD: &str = "MINIRAY_FD";
 /// The pid of the parent that spawned it; an inherited, stale setting
 /// (a program started by a worker) does not match and is ignored.
 pub(crate) const ENV_PARENT: &str = "MINIRAY_PARENT";
+/// The parent's [`Limits`], as `max_payload_bytes,max_attachments`.
+pub(crate) const ENV_LIMITS: &str = "MINIRAY_LIMITS";
 
 /// Exit code of a worker whose function returned `Err`.
 pub(crate) const EXIT_ERROR: i32 = 1;
@@ -95,7 +97,28 @@ fn adopt_socket() -> Result<Handle> {
         return Err(missing());
     }
     sys::set_cloexec(sock.as_fd()).map_err(Error::Spawn)?;
-    Ok(Handle::new(sock, Limits::default()))
+    Ok(Handle::new(sock, inherited_limits()))
+}
+
+/// Writes `limits` for an exec'd worker's environment.
+pub(crate) fn encode_limits(limits: &Limits) -> String {
+    format!("{},{}", limits.max_payload_bytes, limits.max_attachments)
+}
+
+/// The limits the parent set; the defaults if absent or malformed.
+fn inherited_limits() -> Limits {
+    let parse = |text: String| -> Option<Limits> {
+        let (payload, attachments) = text.split_once(',')?;
+        let limits = Limits {
+            max_payload_bytes: payload.parse().ok()?,
+            max_attachments: attachments.parse().ok()?,
+        };
+        (limits.max_attachments as usize <= sys::MAX_FDS_PER_MSG).then_some(limits)
+    };
+    std::env::var(ENV_LIMITS)
+        .ok()
+        .and_then(parse)
+        .unwrap_or_default()
 }
 
 /// Fails early, in the parent, for a name `dispatch` did not register.

@@ -113,3 +113,8 @@ pub use worker::{Builder, ExitStatus, Worker, recv_any, recv_any_with};
 
 /// The rkyv version messages are archived with; derive against it.
 pub use rkyv;
+
+/// The README's code runs as a test too, so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::entry::{self, ENV_ENTRY, ENV_FD, ENV_PARENT};
+use crate::entry::{self, ENV_ENTRY, ENV_FD, ENV_LIMITS, ENV_PARENT};
 use crate::handle::{Handle, expect, plain};
 use crate::link::{Link, Message, Wait};
 use crate::sys::{self, Fork, PollFd};
@@ -198,6 +198,7 @@ impl Builder {
         cmd.env(ENV_ENTRY, entry)
             .env(ENV_FD, child_fd.to_string())
             .env(ENV_PARENT, parent.to_string());
+        cmd.env(ENV_LIMITS, entry::encode_limits(&self.limits));
         if let Some(arg0) = std::env::args_os().next() {
             cmd.arg0(arg0);
         }
