@@ -118,3 +118,8 @@ pub use rkyv;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// So do the examples in the zero-copy guide.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/ZERO_COPY.md")]
+struct ZeroCopyDoctests;
