@@ -128,7 +128,11 @@ fn control_len(slots: u32) -> usize {
 /// pool is made, so the steady state has no page faults, no copies and no
 /// new descriptors. An empty pool makes [`acquire`] wait: backpressure.
 ///
-/// Cloning a `BufferPool` gives another handle to the same slots.
+/// Cloning a `BufferPool` gives another handle to the same slots. A pool
+/// belongs to the process that made it: a producer worker makes its own
+/// pool inside the worker (a forked child inherits a copy of the parent's
+/// bookkeeping, which would hand out slots the parent also hands out, so
+/// `acquire` there panics).
 ///
 /// # Examples
 ///
@@ -161,6 +165,8 @@ pub struct BufferPool {
 
 pub(crate) struct PoolShared {
     id: u64,
+    /// The process that made the pool; only it may hand out slots.
+    owner_pid: u32,
     fd: OwnedFd,
     control: Control,
     data: Mapping,
@@ -264,6 +270,9 @@ impl BufferPool {
     /// # Errors
     /// [`Error::Timeout`] if no slot came free in time.
     ///
+    /// # Panics
+    /// In a process other than the one that made the pool (a forked child).
+    ///
     /// # Examples
     ///
     /// ```
@@ -300,7 +309,15 @@ impl BufferPool {
     }
 
     /// Takes a free slot if there is one now.
+    ///
+    /// # Panics
+    /// In a process other than the one that made the pool (a forked child).
     pub fn try_acquire(&self) -> Option<SharedBuf> {
+        assert_eq!(
+            sys::getpid(),
+            self.shared.owner_pid,
+            "a BufferPool hands out slots only in the process that made it; make the pool inside the worker"
+        );
         let mut states = self.shared.lock();
         let slot = (0..states.len()).find(|&i| self.shared.reusable(&states, i))?;
         states[slot] = SlotState::Writing;

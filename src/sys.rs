@@ -92,9 +92,19 @@ fn cmsg_space(fds: usize) -> usize {
     unsafe { libc::CMSG_SPACE(bytes) as usize }
 }
 
-/// Control-message buffer, aligned for `cmsghdr`.
-fn cmsg_buffer(fds: usize) -> Vec<u64> {
-    vec![0u64; cmsg_space(fds).div_ceil(mem::size_of::<u64>())]
+/// Room for one `SCM_RIGHTS` message of [`MAX_FDS_PER_MSG`] descriptors
+/// (16-byte header + 253 x 4 bytes, rounded up), in `u64`s so it is aligned
+/// for `cmsghdr`. On the stack: no allocation per send or receive.
+const CONTROL_WORDS: usize = 130;
+type ControlBuf = [u64; CONTROL_WORDS];
+
+fn control_len(fds: usize) -> usize {
+    let len = cmsg_space(fds);
+    assert!(
+        len <= mem::size_of::<ControlBuf>(),
+        "control buffer too small for {fds} fds"
+    );
+    len
 }
 
 /// Sends `bufs` in one `sendmsg`, with `fds` attached as `SCM_RIGHTS`.
@@ -111,14 +121,14 @@ pub fn send_msg(
         fds.len() <= MAX_FDS_PER_MSG,
         "at most {MAX_FDS_PER_MSG} fds per message"
     );
-    let mut control = cmsg_buffer(fds.len());
+    let mut control: ControlBuf = [0; CONTROL_WORDS];
     // SAFETY: zeroed msghdr is a valid "empty" value.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec.
     msg.msg_iovlen = bufs.len();
     if !fds.is_empty() {
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = cmsg_space(fds.len());
+        msg.msg_controllen = control_len(fds.len());
         // SAFETY: msg_control points to a buffer of msg_controllen bytes,
         // aligned for cmsghdr, large enough for one header and `fds`.
         unsafe {
@@ -160,7 +170,7 @@ pub fn recv_msg(
     max_fds: usize,
     nonblocking: bool,
 ) -> io::Result<Received> {
-    let mut control = cmsg_buffer(max_fds);
+    let mut control: ControlBuf = [0; CONTROL_WORDS];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -170,7 +180,7 @@ pub fn recv_msg(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = cmsg_space(max_fds);
+    msg.msg_controllen = control_len(max_fds);
     let mut flags = libc::MSG_CMSG_CLOEXEC;
     if nonblocking {
         flags |= libc::MSG_DONTWAIT;
