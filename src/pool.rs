@@ -234,6 +234,7 @@ impl BufferPool {
         let states = Mutex::new(vec![SlotState::Free; slots as usize]);
         let shared = PoolShared {
             id,
+            owner_pid: sys::getpid(),
             fd,
             control,
             data,
