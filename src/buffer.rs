@@ -180,7 +180,7 @@ impl SharedBuf {
     pub(crate) fn into_outgoing(self) -> Result<Outgoing> {
         match self.backing {
             Backing::Memfd { fd, map } => {
-                drop(map); // F_SEAL_WRITE needs no writable mapping left.
+                drop(map); // Ours goes first: the seal stops only new writers.
                 sys::add_seals(
                     fd.as_fd(),
                     sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL,

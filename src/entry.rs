@@ -1,7 +1,6 @@
 //! Exec mode: named entry points, and the dispatch a re-executed binary
 //! runs first.
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::OnceLock;
@@ -136,13 +135,16 @@ where
 {
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| f(&mut handle)));
     drop(handle);
-    let code = match outcome {
+    // No stdout flush here: in a forked worker, a parent thread that was
+    // printing at the fork holds the stdout lock forever, and taking it
+    // would hang the worker. `println!` lines are out already (stdout is
+    // line-buffered), and exec mode's `process::exit` flushes the rest
+    // without waiting on the lock.
+    match outcome {
         Ok(Ok(())) => 0,
         Ok(Err(err)) => report("function", &err, EXIT_ERROR),
         Err(_) => EXIT_PANIC, // The panic hook already printed the message.
-    };
-    let _ = std::io::stdout().flush();
-    code
+    }
 }
 
 fn report(what: &str, err: &Error, code: i32) -> i32 {

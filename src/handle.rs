@@ -52,7 +52,7 @@ impl Handle {
     /// [`Error::Disconnected`] if the parent is gone, [`Error::Encode`] if
     /// rkyv refuses the value, [`Error::FrameTooLarge`] above the limit.
     pub fn send<T: Message>(&mut self, msg: &T) -> Result<()> {
-        self.link.send(msg, Vec::new())
+        self.link.send(msg, Vec::new(), None)
     }
 
     /// Sends `msg` with shared buffers or tensors attached; they move.
@@ -61,7 +61,7 @@ impl Handle {
     /// As [`send`](Self::send), plus [`Error::Buffer`] if a region cannot
     /// be sealed.
     pub fn send_with<T: Message>(&mut self, msg: &T, attachments: Vec<Attachment>) -> Result<()> {
-        self.link.send(msg, attachments)
+        self.link.send(msg, attachments, None)
     }
 
     /// Waits for the next message.

@@ -137,7 +137,15 @@ impl Link {
 
     // -- sending ------------------------------------------------------------
 
-    pub(crate) fn send<T: Message>(&mut self, msg: &T, attachments: Vec<Attachment>) -> Result<()> {
+    /// Sends one frame. `exit` is the peer's pidfd, as for [`Link::recv`]:
+    /// while the socket is full, a send waits for room or for the peer's
+    /// death, never for ever on a dead peer.
+    pub(crate) fn send<T: Message>(
+        &mut self,
+        msg: &T,
+        attachments: Vec<Attachment>,
+        exit: Option<BorrowedFd<'_>>,
+    ) -> Result<()> {
         if attachments.len() > self.limits.max_attachments as usize {
             let max = self.limits.max_attachments;
             return Err(Error::Encode(format!(
@@ -158,7 +166,7 @@ impl Link {
             IoSlice::new(&self.out),
         ];
         let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.fd()).collect();
-        write_all(self.sock.as_fd(), &mut iov, &fds).map_err(send_error)?;
+        write_all(self.sock.as_fd(), &mut iov, &fds, exit)?;
         drop(fds);
         self.commit(out);
         Ok(())
@@ -252,13 +260,8 @@ impl Link {
         exit: Option<BorrowedFd<'_>>,
         timeout: Option<Duration>,
     ) -> Result<(bool, bool)> {
-        let mut fds = [
-            PollFd::readable(self.sock.as_fd()),
-            PollFd::readable(exit.unwrap_or(self.sock.as_fd())),
-        ];
-        let n = if exit.is_some() { 2 } else { 1 };
-        sys::poll(&mut fds[..n], timeout).map_err(Error::Recv)?;
-        Ok((fds[0].is_ready(), exit.is_some() && fds[1].is_ready()))
+        let sock = PollFd::readable(self.sock.as_fd());
+        poll_with_exit(sock, exit, timeout).map_err(Error::Recv)
     }
 
     /// Reads what the socket has without blocking; true once a whole frame
@@ -357,18 +360,45 @@ fn send_error(err: io::Error) -> Error {
 }
 
 /// Writes every byte of `iov`; the descriptors go with the first byte.
+/// When the socket is full, waits for room, or for `exit` (the peer's
+/// pidfd) to say the peer is gone.
 fn write_all(
     sock: BorrowedFd<'_>,
     mut iov: &mut [IoSlice<'_>],
     fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
+    exit: Option<BorrowedFd<'_>>,
+) -> Result<()> {
     let mut fds = fds;
     while !iov.is_empty() {
-        let n = sys::send_msg(sock, iov, fds)?;
-        fds = &[];
-        IoSlice::advance_slices(&mut iov, n);
+        match sys::send_msg(sock, iov, fds) {
+            Ok(n) => {
+                fds = &[];
+                IoSlice::advance_slices(&mut iov, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(sock, exit)?,
+            Err(e) => return Err(send_error(e)),
+        }
     }
     Ok(())
+}
+
+fn wait_writable(sock: BorrowedFd<'_>, exit: Option<BorrowedFd<'_>>) -> Result<()> {
+    match poll_with_exit(PollFd::writable(sock), exit, None).map_err(Error::Send)? {
+        (false, true) => Err(Error::Disconnected),
+        _ => Ok(()),
+    }
+}
+
+/// Polls the socket entry `sock` together with the peer's pidfd, if any;
+/// returns (socket ready, peer exited).
+fn poll_with_exit(
+    sock: PollFd,
+    exit: Option<BorrowedFd<'_>>,
+    timeout: Option<Duration>,
+) -> io::Result<(bool, bool)> {
+    let mut fds = [sock, exit.map_or_else(PollFd::ignored, PollFd::readable)];
+    sys::poll(&mut fds, timeout)?;
+    Ok((fds[0].is_ready(), fds[1].is_ready()))
 }
 
 fn decode_attachments(

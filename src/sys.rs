@@ -111,7 +111,9 @@ fn control_len(fds: usize) -> usize {
 ///
 /// Returns the number of bytes written, which may be short; the descriptors
 /// travel with the first byte, so a retry of the rest sends no descriptors.
-/// Never raises `SIGPIPE` (`MSG_NOSIGNAL`): a closed peer is `EPIPE`.
+/// Never blocks (`MSG_DONTWAIT`: a full socket is `WouldBlock`, and the
+/// caller polls) and never raises `SIGPIPE` (`MSG_NOSIGNAL`: a closed peer
+/// is `EPIPE`).
 pub fn send_msg(
     sock: BorrowedFd<'_>,
     bufs: &[IoSlice<'_>],
@@ -144,7 +146,7 @@ pub fn send_msg(
             }
         }
     }
-    let flags = libc::MSG_NOSIGNAL;
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
     // SAFETY: msg describes live buffers for the duration of the call.
     retry(|| cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) }))
 }
@@ -233,6 +235,15 @@ impl PollFd {
         })
     }
 
+    /// Watches `fd` for room to write (or hang-up).
+    pub fn writable(fd: BorrowedFd<'_>) -> Self {
+        PollFd(libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        })
+    }
+
     /// A placeholder entry that `poll` skips.
     pub fn ignored() -> Self {
         PollFd(libc::pollfd {
@@ -294,6 +305,26 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
 }
 
+/// Marks every descriptor above stdin, stdout and stderr close-on-exec,
+/// including any this process inherited without the flag, so that an exec'd
+/// child gets only what [`clear_cloexec`] then hands it. Needs Linux 5.11
+/// (`CLOSE_RANGE_CLOEXEC`); older kernels refuse it with `EINVAL` or
+/// `ENOSYS`. Async-signal-safe: callable between `fork` and `exec`.
+pub fn cloexec_above_stdio() -> io::Result<()> {
+    let first = (libc::STDERR_FILENO + 1) as libc::c_uint;
+    // SAFETY: with CLOSE_RANGE_CLOEXEC, close_range only sets a flag on
+    // each open descriptor in the range; it closes none.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    cvt(ret as libc::c_int).map(drop)
+}
+
 /// The soft limit on open descriptors (`ulimit -n`).
 pub fn fd_limit() -> u64 {
     let mut lim = libc::rlimit {
@@ -323,8 +354,11 @@ pub fn is_peer_gone(err: &io::Error) -> bool {
 
 /// Seals that fix a memfd's size.
 pub const SEAL_SIZE: u32 = (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32;
-/// Seal that forbids writes through any new or existing writable mapping.
-pub const SEAL_WRITE: u32 = libc::F_SEAL_WRITE as u32;
+/// Seal that forbids `write` and any new writable mapping (Linux 5.1).
+/// Not `F_SEAL_WRITE`: that one fails with `EBUSY` while any process still
+/// maps the file writable, and a worker forked after a buffer was created
+/// inherits the creator's writable mapping.
+pub const SEAL_WRITE: u32 = libc::F_SEAL_FUTURE_WRITE as u32;
 /// Seal that forbids adding more seals.
 pub const SEAL_SEAL: u32 = libc::F_SEAL_SEAL as u32;
 

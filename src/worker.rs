@@ -203,11 +203,14 @@ impl Builder {
             cmd.arg0(arg0);
         }
         // SAFETY: the hook runs between fork and exec and makes only
-        // async-signal-safe system calls (prctl, getppid, fcntl), allocating
-        // nothing.
+        // async-signal-safe system calls (prctl, getppid, close_range,
+        // fcntl), allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
                 sys::die_with_parent(parent)?;
+                // Best effort: on kernels before 5.11, descriptors this
+                // process inherited without close-on-exec reach the worker.
+                let _ = sys::cloexec_above_stdio();
                 sys::clear_cloexec(child_fd)
             })
         };
@@ -296,7 +299,7 @@ impl Worker {
     /// [`Error::WorkerDied`] if the worker is gone, [`Error::Encode`] if rkyv
     /// refuses the value, [`Error::FrameTooLarge`] above the limit.
     pub fn send<T: Message>(&mut self, msg: &T) -> Result<()> {
-        let sent = self.link.send(msg, Vec::new());
+        let sent = self.link.send(msg, Vec::new(), Some(self.pidfd.as_fd()));
         self.check_alive(sent)
     }
 
@@ -307,7 +310,7 @@ impl Worker {
     /// As [`send`](Self::send), plus [`Error::Buffer`] if a region cannot
     /// be sealed.
     pub fn send_with<T: Message>(&mut self, msg: &T, attachments: Vec<Attachment>) -> Result<()> {
-        let sent = self.link.send(msg, attachments);
+        let sent = self.link.send(msg, attachments, Some(self.pidfd.as_fd()));
         self.check_alive(sent)
     }
 

@@ -56,7 +56,8 @@ pub fn mappings() -> (usize, u64) {
     maps.lines().fold((0, 0), |(n, total), line| {
         let range = line.split_whitespace().next().unwrap_or("0-0");
         let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
-        let size = u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
+        let size =
+            u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
         (n + 1, total + size)
     })
 }
@@ -82,4 +83,134 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(5));
     }
     cond()
+}
+
+/// Number and total size in bytes of the mappings whose path contains
+/// `needle` (for example `"/memfd:miniray"`), from `/proc/self/maps`. Unlike
+/// [`mappings`], threads that the test harness starts and ends elsewhere in
+/// the process do not move it.
+pub fn mappings_matching(needle: &str) -> (usize, u64) {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
+    maps.lines()
+        .filter(|line| line.contains(needle))
+        .fold((0, 0), |(n, total), line| {
+            let range = line.split_whitespace().next().unwrap_or("0-0");
+            let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
+            let size =
+                u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
+            (n + 1, total + size)
+        })
+}
+
+/// What descriptor `fd` of this process refers to (`readlink
+/// /proc/self/fd/FD`), for example `"/memfd:miniray (deleted)"`.
+pub fn fd_target(fd: i32) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    Some(target.to_string_lossy().into_owned())
+}
+
+/// One attachment descriptor of a hand-built frame (112 bytes on the wire;
+/// fields not named here are zero).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawDesc {
+    pub kind: u32,
+    pub dtype: u32,
+    pub slot: u32,
+    pub flags: u32,
+    pub len_bytes: u64,
+    pub pool_id: u64,
+}
+
+/// Attachment kind of a whole memfd region on the wire.
+pub const RAW_ATTACH_MEMFD: u32 = 1;
+/// Attachment kind of a pool slot on the wire.
+pub const RAW_ATTACH_POOLED: u32 = 2;
+
+/// The bytes of a message frame built by hand, independently of the
+/// library's own encoder: the 32-byte little-endian header (magic `MRAY`,
+/// version 1, kind 1, attachment count, flags 0, payload length, inline data
+/// length 0), one 112-byte descriptor per attachment, then the payload.
+pub fn raw_frame(descs: &[RawDesc], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + 112 * descs.len() + payload.len());
+    out.extend_from_slice(b"MRAY");
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&(descs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    for d in descs {
+        let start = out.len();
+        for word in [d.kind, d.dtype, 0 /* ndim */, d.slot, d.flags, 0] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        for word in [d.len_bytes, d.pool_id, 0] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.resize(start + 112, 0); // shape: eight zero u64s
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Writes `bytes` to a Unix stream socket in one `sendmsg`, with `fds`
+/// attached as `SCM_RIGHTS`, bypassing the library: for hand-built frames.
+pub fn send_raw(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut control = [0u64; 32]; // u64s: aligned for cmsghdr; room for 60 fds
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; every pointer set below refers to a
+    // live local buffer of the stated length for the whole call.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            let space = libc::CMSG_SPACE(fd_bytes) as usize;
+            assert!(space <= std::mem::size_of_val(&control), "too many fds");
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    match sent {
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        n if n as usize != bytes.len() => Err(std::io::Error::other("short sendmsg")),
+        _ => Ok(()),
+    }
+}
+
+/// The pids of this process's living or unreaped children, sorted: every
+/// process whose parent (field 4 of `/proc/PID/stat`) is this one.
+pub fn child_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let mut children: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid: &u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after_name.split_whitespace().nth(1) == Some(me.to_string().as_str())
+        })
+        .collect();
+    children.sort_unstable();
+    children
+}
+
+/// Waits at most [`STEP`] for worker `w` to end and returns how it ended.
+pub fn exit_status(w: &mut miniray::Worker) -> miniray::ExitStatus {
+    w.wait_timeout(STEP).expect("the worker ends in time")
 }
