@@ -231,6 +231,43 @@ fn death_is_seen_while_a_forked_process_holds_the_socket() {
     );
 }
 
+/// A send that fills the socket of a worker that died while a forked
+/// process still holds its socket waits on the worker's pidfd too, so it
+/// ends in `WorkerDied` instead of blocking for ever.
+#[test]
+fn full_send_to_a_dead_worker_is_worker_died() {
+    let _w = util::watchdog("full_send_to_a_dead_worker_is_worker_died", LIMIT);
+    let mut w = spawn_alone(|| {
+        Worker::spawn(|h| {
+            // SAFETY: a worker has one thread; the child only sleeps and
+            // exits, both async-signal-safe.
+            let holder = match unsafe { libc::fork() } {
+                0 => unsafe {
+                    libc::sleep(LINGER_SECS);
+                    libc::_exit(0)
+                },
+                pid => pid,
+            };
+            h.send(&holder)?;
+            h.recv_timeout::<Signal>(util::STEP).map(drop)
+        })
+    });
+    let holder: i32 = w.recv_timeout(util::STEP).expect("holder");
+    assert!(holder > 0, "the worker could not fork");
+    let _cleanup = KillOnDrop(holder as u32);
+    // SAFETY: kill has no memory-safety preconditions; the pid is our
+    // unreaped child.
+    unsafe { libc::kill(w.pid() as libc::pid_t, libc::SIGKILL) };
+    // Far more than a socket buffer holds, so the send must wait for room
+    // that never comes: nobody reads the held socket.
+    let big = vec![7u8; 64 << 20];
+    assert_died(w.send(&big), w.pid(), ExitStatus::Signaled(9));
+    assert!(
+        !ended(holder as u32),
+        "the socket was still held open during the send"
+    );
+}
+
 #[test]
 fn grandchild_dies_with_its_worker() {
     let _w = util::watchdog("grandchild_dies_with_its_worker", LIMIT);
