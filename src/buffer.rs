@@ -173,20 +173,21 @@ impl SharedBuf {
         }
     }
 
-    /// Turns the buffer into what a frame carries: for a fresh region, its
-    /// writable mapping is dropped and the memfd sealed against writes and
-    /// resizing, so the receiver holds the only view of bytes that can no
-    /// longer change.
+    /// Turns the buffer into what a frame carries. A fresh region is
+    /// sealed against resizing, writes and new writable mappings; its
+    /// writable mapping travels along, to be dropped once the frame is out
+    /// (unmapping a large filled region takes milliseconds: the receiver
+    /// can start meanwhile).
     pub(crate) fn into_outgoing(self) -> Result<Outgoing> {
         match self.backing {
             Backing::Memfd { fd, map } => {
-                drop(map); // Ours goes first: the seal stops only new writers.
-                sys::add_seals(
-                    fd.as_fd(),
-                    sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL,
-                )
-                .map_err(Error::Buffer)?;
-                Ok(Outgoing::Memfd { fd, len: self.len })
+                let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
+                sys::add_seals(fd.as_fd(), seals).map_err(Error::Buffer)?;
+                Ok(Outgoing::Memfd {
+                    fd,
+                    map,
+                    len: self.len,
+                })
             }
             Backing::Pooled(lease) => Ok(Outgoing::Pooled {
                 lease,
@@ -198,8 +199,15 @@ impl SharedBuf {
 
 /// A buffer on its way out, after [`SharedBuf::into_outgoing`].
 pub(crate) enum Outgoing {
-    Memfd { fd: OwnedFd, len: usize },
-    Pooled { lease: PoolLease, len: usize },
+    Memfd {
+        fd: OwnedFd,
+        map: Option<Mapping>,
+        len: usize,
+    },
+    Pooled {
+        lease: PoolLease,
+        len: usize,
+    },
 }
 
 impl fmt::Debug for SharedBuf {

@@ -21,7 +21,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::buffer::{BufView, Outgoing};
 use crate::pool::{BufferPool, PoolLease, PoolShared, ReceivedPools};
-use crate::sys::{self, PollFd};
+use crate::sys::{self, Mapping, PollFd};
 use crate::tensor::{Attachment, DType, Received, TensorView};
 use crate::wire::{AttachmentDesc, DESC_LEN, FrameHeader, HEADER_LEN, Limits, attach};
 use crate::{Error, Result};
@@ -274,10 +274,19 @@ impl Link {
     /// still releases every slot and descriptor it carried), then the
     /// archive.
     pub(crate) fn take_message<T: Message>(&mut self) -> Result<(T, Vec<Received>)> {
-        let frame = self.reader.take()?;
+        let frame = self.reader.take();
         let body = &self.reader.body[..frame.body_len];
         let (desc_bytes, payload) = body.split_at(frame.header.attachments as usize * DESC_LEN);
-        let received = decode_attachments(desc_bytes, frame.fds, &mut self.recv_pools)?;
+        let (received, failed) = decode_attachments(desc_bytes, frame.fds, &mut self.recv_pools);
+        if frame.truncated {
+            // Dropping `received` releases the slots that could be decoded.
+            return Err(Error::FdLimit {
+                limit: sys::fd_limit(),
+            });
+        }
+        if let Some(err) = failed {
+            return Err(err);
+        }
         let msg = rkyv::from_bytes::<T, rancor::Error>(payload)
             .map_err(|e| Error::Protocol(format!("invalid message archive: {e}")))?;
         Ok((msg, received))
@@ -297,6 +306,8 @@ struct OutgoingSet {
     fds: Vec<FdSource>,
     leases: Vec<PoolLease>,
     new_pools: Vec<Arc<PoolShared>>,
+    /// Sender-side mappings of fresh regions, unmapped after the send.
+    retired: Vec<Mapping>,
 }
 
 enum FdSource {
@@ -324,10 +335,11 @@ impl OutgoingSet {
             }
         };
         match buf.into_outgoing()? {
-            Outgoing::Memfd { fd, len } => {
+            Outgoing::Memfd { fd, map, len } => {
                 desc.kind = attach::MEMFD;
                 desc.len_bytes = len as u64;
                 self.fds.push(FdSource::Memfd(fd));
+                self.retired.extend(map);
             }
             Outgoing::Pooled { lease, len } => {
                 let pool = lease.pool();
@@ -401,21 +413,31 @@ fn poll_with_exit(
     Ok((fds[0].is_ready(), fds[1].is_ready()))
 }
 
+/// Decodes every attachment it can, and reports the first failure. It goes
+/// on past a failure so that each pool slot the frame names is still taken,
+/// and so given back when the caller drops the result: a bad attachment
+/// never strands the good ones' slots in the sender's pool.
 fn decode_attachments(
     desc_bytes: &[u8],
     fds: Vec<OwnedFd>,
     pools: &mut ReceivedPools,
-) -> Result<Vec<Received>> {
+) -> (Vec<Received>, Option<Error>) {
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(desc_bytes.len() / DESC_LEN);
+    let mut failed = None;
     for chunk in desc_bytes.chunks_exact(DESC_LEN) {
         let desc: AttachmentDesc = bytemuck::pod_read_unaligned(chunk);
-        out.push(decode_one(&desc, &mut fds, pools)?);
+        match decode_one(&desc, &mut fds, pools) {
+            Ok(received) => out.push(received),
+            Err(err) => failed = failed.or(Some(err)),
+        }
     }
     if fds.next().is_some() {
-        return Err(Error::Protocol("more descriptors than attachments".into()));
+        failed = failed.or(Some(Error::Protocol(
+            "more descriptors than attachments".into(),
+        )));
     }
-    Ok(out)
+    (out, failed)
 }
 
 fn decode_one(
@@ -461,6 +483,8 @@ struct Frame {
     header: FrameHeader,
     body_len: usize,
     fds: Vec<OwnedFd>,
+    /// The kernel dropped some of the frame's descriptors (`MSG_CTRUNC`).
+    truncated: bool,
 }
 
 /// Reads one frame at a time, across as many non-blocking reads as it takes.
@@ -555,23 +579,16 @@ impl FrameReader {
     }
 
     /// Hands out the buffered frame and readies the reader for the next.
-    fn take(&mut self) -> Result<Frame> {
+    fn take(&mut self) -> Frame {
         let body_len = self.body_len.take().expect("take() without a whole frame");
-        let header: FrameHeader = bytemuck::pod_read_unaligned(&self.header);
         self.header_got = 0;
         self.body_got = 0;
-        let fds = std::mem::take(&mut self.fds);
-        if std::mem::take(&mut self.truncated) {
-            // The frame is consumed; `fds` closes what did arrive.
-            return Err(Error::FdLimit {
-                limit: sys::fd_limit(),
-            });
-        }
-        Ok(Frame {
-            header,
+        Frame {
+            header: bytemuck::pod_read_unaligned(&self.header),
             body_len,
-            fds,
-        })
+            fds: std::mem::take(&mut self.fds),
+            truncated: std::mem::take(&mut self.truncated),
+        }
     }
 }
 
