@@ -132,11 +132,12 @@ fn check_reads<T: Element>(dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// A contiguous row-major tensor in a [`SharedBuf`], owned and writable.
+/// A contiguous row-major tensor: a dtype and a shape over a buffer.
 ///
-/// Its data starts page-aligned. Send it with
+/// `Tensor` (over a [`SharedBuf`]) is the writer's: owned, writable, its
+/// data page-aligned. Send it with
 /// [`Worker::send_with`](crate::Worker::send_with); the receiver gets a
-/// [`TensorView`] over the same pages.
+/// [`TensorView`] (over a read-only [`BufView`]) of the same pages.
 ///
 /// # Examples
 ///
@@ -150,10 +151,63 @@ fn check_reads<T: Element>(dtype: DType) -> Result<()> {
 /// assert!(t.as_slice::<i32>().is_err()); // dtype is checked
 /// # Ok::<(), miniray::Error>(())
 /// ```
-pub struct Tensor {
+pub struct Tensor<B = SharedBuf> {
     dtype: DType,
     shape: Vec<usize>,
-    buf: SharedBuf,
+    buf: B,
+}
+
+/// A received tensor: read-only and zero-copy.
+pub type TensorView = Tensor<BufView>;
+
+mod sealed {
+    /// The buffers a tensor can sit on.
+    pub trait Bytes {
+        fn bytes(&self) -> &[u8];
+    }
+
+    impl Bytes for super::SharedBuf {
+        fn bytes(&self) -> &[u8] {
+            self.as_bytes()
+        }
+    }
+
+    impl Bytes for super::BufView {
+        fn bytes(&self) -> &[u8] {
+            self.as_bytes()
+        }
+    }
+}
+
+impl<B: sealed::Bytes> Tensor<B> {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Dimensions, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The elements.
+    ///
+    /// # Errors
+    /// [`Error::View`] if `T` does not match the dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        check_reads::<T>(self.dtype)?;
+        bytemuck::try_cast_slice(self.buf.bytes()).map_err(|e| Error::View(e.to_string()))
+    }
+
+    /// The buffer underneath.
+    pub fn into_buf(self) -> B {
+        self.buf
+    }
 }
 
 impl Tensor {
@@ -187,9 +241,9 @@ impl Tensor {
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Tensor> {
         let len = byte_len(T::DTYPE, shape)?;
         if len != std::mem::size_of_val(data) {
+            let count = data.len();
             return Err(Error::View(format!(
-                "shape {shape:?} does not hold {} elements",
-                data.len()
+                "shape {shape:?} does not hold {count} elements"
             )));
         }
         Ok(Tensor {
@@ -207,9 +261,9 @@ impl Tensor {
     pub fn from_buf(mut buf: SharedBuf, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let len = byte_len(dtype, shape)?;
         if len > buf.len() {
+            let have = buf.len();
             return Err(Error::View(format!(
-                "shape {shape:?} of {dtype:?} needs {len} bytes, buffer has {}",
-                buf.len()
+                "shape {shape:?} of {dtype:?} needs {len} bytes, buffer has {have}"
             )));
         }
         buf.truncate(len);
@@ -220,30 +274,6 @@ impl Tensor {
         })
     }
 
-    /// Element type.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// Dimensions, outermost first.
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// The elements.
-    ///
-    /// # Errors
-    /// [`Error::View`] if `T` does not match the dtype.
-    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
-        check_reads::<T>(self.dtype)?;
-        self.buf.as_slice()
-    }
-
     /// The elements, writable.
     ///
     /// # Errors
@@ -252,74 +282,24 @@ impl Tensor {
         check_reads::<T>(self.dtype)?;
         self.buf.as_mut_slice()
     }
-
-    /// The buffer underneath.
-    pub fn into_buf(self) -> SharedBuf {
-        self.buf
-    }
-}
-
-impl fmt::Debug for Tensor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tensor")
-            .field("dtype", &self.dtype)
-            .field("shape", &self.shape)
-            .finish()
-    }
-}
-
-/// A received tensor: read-only and zero-copy.
-pub struct TensorView {
-    dtype: DType,
-    shape: Vec<usize>,
-    buf: BufView,
 }
 
 impl TensorView {
     pub(crate) fn new(dtype: DType, shape: Vec<usize>, buf: BufView) -> Result<TensorView> {
         let len = byte_len(dtype, &shape).map_err(|e| Error::Protocol(e.to_string()))?;
         if len != buf.len() {
+            let sent = buf.len();
             return Err(Error::Protocol(format!(
-                "tensor {shape:?} of {dtype:?} sent with {} bytes",
-                buf.len()
+                "tensor {shape:?} of {dtype:?} sent with {sent} bytes"
             )));
         }
         Ok(TensorView { dtype, shape, buf })
     }
-
-    /// Element type.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// Dimensions, outermost first.
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// The elements.
-    ///
-    /// # Errors
-    /// [`Error::View`] if `T` does not match the dtype.
-    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
-        check_reads::<T>(self.dtype)?;
-        self.buf.as_slice()
-    }
-
-    /// The buffer underneath.
-    pub fn into_buf(self) -> BufView {
-        self.buf
-    }
 }
 
-impl fmt::Debug for TensorView {
+impl<B> fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TensorView")
+        f.debug_struct("Tensor")
             .field("dtype", &self.dtype)
             .field("shape", &self.shape)
             .finish()
