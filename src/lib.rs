@@ -96,6 +96,7 @@ mod error;
 mod handle;
 mod link;
 mod pool;
+mod reader;
 mod sys;
 mod tensor;
 mod wire;

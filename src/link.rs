@@ -21,9 +21,10 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::buffer::{BufView, Outgoing};
 use crate::pool::{BufferPool, PoolLease, PoolShared, ReceivedPools};
+use crate::reader::{Blocking, FrameReader};
 use crate::sys::{self, Mapping, PollFd};
 use crate::tensor::{Attachment, DType, Received, TensorView};
-use crate::wire::{AttachmentDesc, DESC_LEN, FrameHeader, HEADER_LEN, Limits, attach};
+use crate::wire::{AttachmentDesc, DESC_LEN, FrameHeader, Limits, attach};
 use crate::{Error, Result};
 
 /// A type that can travel as a MiniRay message: anything with rkyv 0.8's
@@ -233,8 +234,21 @@ impl Link {
     }
 
     fn wait_frame(&mut self, wait: Wait, exit: Option<BorrowedFd<'_>>) -> Result<bool> {
-        if let Wait::Now = wait {
-            return self.fill_now();
+        match (wait, exit) {
+            (Wait::Now, _) => return self.fill_now(),
+            // Nothing else to watch: block in the read itself, saving a
+            // poll per message.
+            (Wait::Forever, None) => {
+                return self
+                    .reader
+                    .fill(self.sock.as_fd(), &self.limits, Blocking::Yes);
+            }
+            _ => {}
+        }
+        // A frame read ahead with the previous one needs no poll (and a
+        // broken stream reports itself at once).
+        if self.fill_buffered()? {
+            return Ok(true);
         }
         loop {
             let (sock_ready, exit_ready) = self.poll(exit, wait.remaining())?;
@@ -264,10 +278,17 @@ impl Link {
         poll_with_exit(sock, exit, timeout).map_err(Error::Recv)
     }
 
+    /// Makes a whole frame from bytes already read, if they hold one.
+    pub(crate) fn fill_buffered(&mut self) -> Result<bool> {
+        self.reader
+            .fill(self.sock.as_fd(), &self.limits, Blocking::BufferedOnly)
+    }
+
     /// Reads what the socket has without blocking; true once a whole frame
     /// is buffered.
     pub(crate) fn fill_now(&mut self) -> Result<bool> {
-        self.reader.fill(self.sock.as_fd(), &self.limits)
+        self.reader
+            .fill(self.sock.as_fd(), &self.limits, Blocking::No)
     }
 
     /// Decodes the buffered frame: attachments first (so a bad message
@@ -275,7 +296,7 @@ impl Link {
     /// archive.
     pub(crate) fn take_message<T: Message>(&mut self) -> Result<(T, Vec<Received>)> {
         let frame = self.reader.take();
-        let body = &self.reader.body[..frame.body_len];
+        let body = self.reader.body();
         let (desc_bytes, payload) = body.split_at(frame.header.attachments as usize * DESC_LEN);
         let (received, failed) = decode_attachments(desc_bytes, frame.fds, &mut self.recv_pools);
         if frame.truncated {
@@ -476,123 +497,4 @@ fn decode_one(
             view,
         )?)),
     }
-}
-
-/// A frame whose bytes are all buffered.
-struct Frame {
-    header: FrameHeader,
-    body_len: usize,
-    fds: Vec<OwnedFd>,
-    /// The kernel dropped some of the frame's descriptors (`MSG_CTRUNC`).
-    truncated: bool,
-}
-
-/// Reads one frame at a time, across as many non-blocking reads as it takes.
-#[derive(Default)]
-struct FrameReader {
-    header: [u8; HEADER_LEN],
-    header_got: usize,
-    /// Descriptors + payload; 16-byte aligned for rkyv. Grows, never shrinks.
-    body: AlignedVec,
-    /// Set once the header is whole and checked.
-    body_len: Option<usize>,
-    body_got: usize,
-    fds: Vec<OwnedFd>,
-    truncated: bool,
-    /// Set by a framing error: the stream can no longer be trusted.
-    broken: Option<String>,
-}
-
-impl FrameReader {
-    /// Reads without blocking; true once a whole frame is buffered.
-    fn fill(&mut self, sock: BorrowedFd<'_>, limits: &Limits) -> Result<bool> {
-        if let Some(why) = &self.broken {
-            return Err(Error::Protocol(format!(
-                "connection unusable after an earlier error: {why}"
-            )));
-        }
-        loop {
-            let body_len = match self.body_len {
-                Some(len) => len,
-                None if self.header_got < HEADER_LEN => {
-                    let got = self.header_got;
-                    match self.read(sock, limits, Target::Header(got))? {
-                        Some(n) => self.header_got += n,
-                        None => return Ok(false),
-                    }
-                    continue;
-                }
-                None => self.start_body(limits)?,
-            };
-            if self.body_got == body_len {
-                return Ok(true);
-            }
-            match self.read(sock, limits, Target::Body(self.body_got, body_len))? {
-                Some(n) => self.body_got += n,
-                None => return Ok(false),
-            }
-        }
-    }
-
-    fn start_body(&mut self, limits: &Limits) -> Result<usize> {
-        let header: FrameHeader = bytemuck::pod_read_unaligned(&self.header);
-        let len = header
-            .check(limits)
-            .inspect_err(|e| self.broken = Some(e.to_string()))?;
-        if self.body.len() < len {
-            self.body.resize(len, 0);
-        }
-        self.body_len = Some(len);
-        Ok(len)
-    }
-
-    /// One non-blocking `recvmsg`; `None` when the socket is empty.
-    fn read(
-        &mut self,
-        sock: BorrowedFd<'_>,
-        limits: &Limits,
-        target: Target,
-    ) -> Result<Option<usize>> {
-        let buf = match target {
-            Target::Header(got) => &mut self.header[got..],
-            Target::Body(got, len) => &mut self.body[got..len],
-        };
-        let max_fds = limits.max_attachments as usize;
-        match sys::recv_msg(sock, buf, &mut self.fds, max_fds, true) {
-            Ok(r) if r.len == 0 => Err(self.eof()),
-            Ok(r) => {
-                self.truncated |= r.truncated;
-                Ok(Some(r.len))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if sys::is_peer_gone(&e) => Err(Error::Disconnected),
-            Err(e) => Err(Error::Recv(e)),
-        }
-    }
-
-    fn eof(&mut self) -> Error {
-        if self.header_got == 0 {
-            return Error::Disconnected;
-        }
-        self.broken = Some("the peer closed the connection in the middle of a frame".into());
-        Error::Disconnected
-    }
-
-    /// Hands out the buffered frame and readies the reader for the next.
-    fn take(&mut self) -> Frame {
-        let body_len = self.body_len.take().expect("take() without a whole frame");
-        self.header_got = 0;
-        self.body_got = 0;
-        Frame {
-            header: bytemuck::pod_read_unaligned(&self.header),
-            body_len,
-            fds: std::mem::take(&mut self.fds),
-            truncated: std::mem::take(&mut self.truncated),
-        }
-    }
-}
-
-enum Target {
-    Header(usize),
-    Body(usize, usize),
 }

@@ -557,6 +557,12 @@ fn receive_any<T: Message>(
         if workers.iter().all(|w| w.drained) {
             return Err(Error::Disconnected);
         }
+        // Frames read ahead earlier are not in any socket for poll to see.
+        for (index, worker) in workers.iter_mut().enumerate() {
+            if !worker.drained && worker.link.fill_buffered()? {
+                return worker.link.take_message().map(|m| (index, m));
+            }
+        }
         let ready = poll_workers(workers, wait.remaining())?;
         let start = NEXT_START.fetch_add(1, Ordering::Relaxed) % count;
         for index in (start..count).chain(0..start) {

@@ -682,3 +682,49 @@ fn a_pool_slot_in_a_frame_cut_at_the_fd_limit_comes_back() -> miniray::Result<()
     assert!(w.wait_timeout(util::STEP)?.success());
     Ok(())
 }
+
+/// Many small frames, some with descriptors, arrive together and are read
+/// ahead in few reads: each message still gets exactly its own attachments.
+#[test]
+fn attachments_stay_with_their_message_when_frames_arrive_together() -> miniray::Result<()> {
+    let _w = util::watchdog(
+        "attachments_stay_with_their_message_when_frames_arrive_together",
+        Duration::from_secs(120),
+    );
+    const COUNT: u32 = 60;
+    let mut w = Worker::spawn(|h| {
+        let pool = miniray::BufferPool::new(32, 4096)?;
+        for i in 0..COUNT {
+            let mut atts: Vec<miniray::Attachment> = Vec::new();
+            for k in 0..i % 4 {
+                let buf = if (i + k) % 5 == 0 {
+                    let mut slot = pool.acquire(util::STEP)?;
+                    slot.truncate(8);
+                    slot.as_mut_slice::<u32>()?.copy_from_slice(&[i, k]);
+                    slot
+                } else {
+                    SharedBuf::from_slice(&[i, k])?
+                };
+                atts.push(buf.into());
+            }
+            h.send_with(&i, atts)?;
+        }
+        Ok(())
+    })?;
+    // Everything is queued before the first read: the worker has exited.
+    assert!(w.wait_timeout(util::STEP)?.success());
+    for i in 0..COUNT {
+        let (n, got) = w.recv_with_timeout::<u32>(util::STEP)?;
+        assert_eq!(n, i, "messages arrive in order");
+        assert_eq!(
+            got.len() as u32,
+            i % 4,
+            "message {i} has its own attachments"
+        );
+        for (k, att) in got.iter().enumerate() {
+            let words: &[u32] = bytemuck::cast_slice(att.as_bytes());
+            assert_eq!(words, &[i, k as u32], "attachment {k} of message {i}");
+        }
+    }
+    Ok(())
+}
