@@ -1,0 +1,124 @@
+//! The benchmark scenarios, shared by the criterion benches in `benches/`
+//! and by `examples/bench_report.rs`, so both time exactly the same code.
+//!
+//! Each scenario is a struct that sets up its worker processes once, when it
+//! is built, and exposes one timed iteration through [`Scenario::run_once`].
+//! What each one measures is defined in `benches/README.md`.
+//!
+//! - [`handoff`]: one batch handed to a worker, which reads it and replies.
+//! - [`latency`]: a small round trip, raw and through MiniRay.
+//! - [`pipeline`]: a producer worker streaming batches to the parent.
+//! - [`spawn`]: starting a worker and getting its first reply.
+//! - [`plain`]: a worker process on a plain socketpair, for the baselines.
+#![allow(dead_code)] // Each bench uses only its own family.
+
+pub mod handoff;
+pub mod latency;
+pub mod pipeline;
+pub mod plain;
+pub mod spawn;
+
+use std::hint::black_box;
+
+use miniray::{Error, Handle};
+
+/// One kibibyte.
+pub const KIB: usize = 1 << 10;
+/// One mebibyte.
+pub const MIB: usize = 1 << 20;
+
+/// One timed iteration of a benchmark, on state set up beforehand.
+pub trait Scenario {
+    /// Runs the measured operation once. Panics if the operation fails:
+    /// a benchmark that errs has nothing to report.
+    fn run_once(&mut self);
+}
+
+/// Entry points that exec-mode workers of these benches run; every `main`
+/// that uses the scenarios passes them to `miniray::dispatch` first.
+pub const ENTRIES: &[(&str, miniray::EntryFn)] = &[(spawn::EXEC_ENTRY, spawn::reply_once)];
+
+/// Runs a worker's `step` over and over until the parent goes away; any
+/// other error ends the worker with that error.
+pub fn serve_until_closed(
+    h: &mut Handle,
+    mut step: impl FnMut(&mut Handle) -> miniray::Result<()>,
+) -> miniray::Result<()> {
+    loop {
+        match step(h) {
+            Err(Error::Disconnected) => return Ok(()),
+            other => other?,
+        }
+    }
+}
+
+/// A batch of `len_bytes / 4` pseudo-random `f32`s in [-1, 1): the values
+/// a training batch holds, so that JSON pays for realistic digit counts.
+pub fn batch(len_bytes: usize) -> Vec<f32> {
+    let mut data = vec![0f32; len_bytes / size_of::<f32>()];
+    fill_random(&mut data);
+    data
+}
+
+/// Fills `out` with the values of [`batch`].
+pub fn fill_random(out: &mut [f32]) {
+    // Knuth's multiplicative hash (2^32 over the golden ratio) scatters the
+    // indices; its top 24 bits make every value exact in an f32.
+    const GOLDEN: u32 = 0x9E37_79B1;
+    const SCALE: f32 = 2.0 / (1u32 << 24) as f32;
+    for (i, x) in out.iter_mut().enumerate() {
+        let bits = (i as u32).wrapping_mul(GOLDEN) >> 8;
+        *x = bits as f32 * SCALE - 1.0;
+    }
+}
+
+/// The first and last elements: what every hand-off receiver replies.
+pub fn first_last(data: &[f32]) -> [f32; 2] {
+    [data[0], data[data.len() - 1]]
+}
+
+/// As [`first_last`], for bytes that hold `f32`s at any alignment.
+pub fn first_last_bytes(bytes: &[u8]) -> [f32; 2] {
+    let last = bytes.len() - size_of::<f32>();
+    [
+        bytemuck::pod_read_unaligned(&bytes[..4]),
+        bytemuck::pod_read_unaligned(&bytes[last..]),
+    ]
+}
+
+/// Panics unless a worker's reply names the batch that was sent.
+pub fn check_reply(reply: [f32; 2], sent: [f32; 2]) {
+    assert_eq!(reply, sent, "the worker read other data than was sent");
+}
+
+/// Writes every element of a pipeline batch: cheap arithmetic, so the
+/// cost is the memory traffic, and different for every batch.
+pub fn fill_batch(out: &mut [f32], seq: u32) {
+    for (i, x) in out.iter_mut().enumerate() {
+        *x = ((i as u32) ^ seq) as i32 as f32;
+    }
+}
+
+/// Reads every element, in independent lanes so the loop runs at memory
+/// speed rather than at the latency of one chain of float additions.
+pub fn read_all(data: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = data.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    black_box(acc.iter().sum::<f32>() + tail)
+}
+
+/// A size as people say it: "4 KiB", "256 MiB".
+pub fn size_label(bytes: usize) -> String {
+    match bytes {
+        b if b >= MIB && b % MIB == 0 => format!("{} MiB", b / MIB),
+        b if b >= KIB && b % KIB == 0 => format!("{} KiB", b / KIB),
+        b => format!("{b} B"),
+    }
+}
