@@ -202,6 +202,9 @@ impl Link {
         for lease in out.leases {
             lease.commit_send(self.peer_id);
         }
+        if !out.new_pools.is_empty() {
+            self.sent_pools.retain(|(_, pool)| pool.strong_count() > 0);
+        }
         self.sent_pools
             .extend(out.new_pools.iter().map(|p| (p.id(), Arc::downgrade(p))));
     }

@@ -51,7 +51,10 @@ struct PoolHeader {
     wake: u32,
     /// Writers sleeping on `wake`; a release skips the wake syscall at 0.
     waiters: u32,
-    reserved: u64,
+    /// Set to 1 when the sender drops the pool: receivers may unmap it once
+    /// they hold no view of it.
+    retired: u32,
+    reserved: u32,
 }
 
 const HEADER_LEN: usize = size_of::<PoolHeader>();
@@ -59,6 +62,7 @@ const _: () = {
     assert!(HEADER_LEN == 64);
     assert!(offset_of!(PoolHeader, wake) == 48);
     assert!(offset_of!(PoolHeader, waiters) == 52);
+    assert!(offset_of!(PoolHeader, retired) == 56);
 };
 
 /// Who has a slot, in the writer's private table.
@@ -93,6 +97,10 @@ impl Control {
 
     fn waiters(&self) -> &AtomicU32 {
         self.word(offset_of!(PoolHeader, waiters))
+    }
+
+    fn retired(&self) -> &AtomicU32 {
+        self.word(offset_of!(PoolHeader, retired))
     }
 
     fn flag(&self, slot: u32) -> &AtomicU32 {
@@ -226,6 +234,7 @@ impl BufferPool {
             id,
             wake: 0,
             waiters: 0,
+            retired: 0,
             reserved: 0,
         };
         // SAFETY: the control mapping is writable, page-aligned and at least
@@ -287,7 +296,7 @@ impl BufferPool {
     /// # Ok::<(), miniray::Error>(())
     /// ```
     pub fn acquire(&self, timeout: Duration) -> Result<SharedBuf> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout); // None: forever.
         let ctl = &self.shared.control;
         loop {
             if let Some(buf) = self.try_acquire() {
@@ -296,11 +305,15 @@ impl BufferPool {
             ctl.waiters().fetch_add(1, Ordering::SeqCst);
             let seen = ctl.wake().load(Ordering::SeqCst);
             let again = self.try_acquire();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if again.is_none() && !left.is_zero() {
-                sys::futex_wait(ctl.wake(), seen, left).map_err(Error::Buffer)?;
-            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let slept = match again.is_none() && !left.is_zero() {
+                true => sys::futex_wait(ctl.wake(), seen, left),
+                false => Ok(()),
+            };
             ctl.waiters().fetch_sub(1, Ordering::SeqCst);
+            slept.map_err(Error::Buffer)?;
             match again {
                 Some(buf) => return Ok(buf),
                 None if left.is_zero() => return Err(Error::timeout(timeout)),
@@ -366,6 +379,12 @@ impl PoolShared {
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        self.control.retired().store(1, Ordering::SeqCst);
     }
 }
 
@@ -488,6 +507,10 @@ impl PoolMapping {
     pub(crate) fn release(&self, slot: u32) {
         self.control.release(slot);
     }
+
+    fn is_retired(&self) -> bool {
+        self.control.retired().load(Ordering::SeqCst) != 0
+    }
 }
 
 fn read_header(fd: &OwnedFd, size: u64) -> Result<PoolHeader> {
@@ -501,9 +524,18 @@ fn read_header(fd: &OwnedFd, size: u64) -> Result<PoolHeader> {
         populate: false,
     };
     let first = Mapping::new(fd.as_fd(), 0, HEADER_LEN, ro).map_err(Error::buffer)?;
-    // SAFETY: the mapping holds HEADER_LEN readable bytes; PoolHeader is Pod,
-    // so any bytes are a valid value; we copy it out once (no re-reads).
-    Ok(unsafe { first.as_ptr().cast::<PoolHeader>().read() })
+    // Only the fields before `wake` are constant; the rest other processes
+    // may be updating atomically right now, so they are not read here.
+    let constant = offset_of!(PoolHeader, wake);
+    let mut header = PoolHeader::zeroed();
+    // SAFETY: the mapping holds HEADER_LEN >= `constant` readable bytes that
+    // nobody writes once the pool is shared; the destination is a distinct
+    // local of at least that size; any bytes are a valid PoolHeader (Pod).
+    unsafe {
+        let dst = bytemuck::bytes_of_mut(&mut header).as_mut_ptr();
+        std::ptr::copy_nonoverlapping(first.as_ptr(), dst, constant);
+    }
+    Ok(header)
 }
 
 /// A received pool header, checked against the region's real size.
@@ -559,6 +591,9 @@ impl ReceivedPools {
         if self.pools.contains_key(&id) {
             return Err(Error::Protocol(format!("pool {id:#x} registered twice")));
         }
+        // Unmap pools their sender has dropped and no view still uses.
+        self.pools
+            .retain(|_, pool| !(pool.is_retired() && Arc::strong_count(pool) == 1));
         if self.pools.len() >= MAX_POOLS_PER_LINK {
             return Err(Error::Protocol(format!(
                 "more than {MAX_POOLS_PER_LINK} pools from one peer"

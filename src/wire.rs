@@ -205,7 +205,17 @@ impl FrameHeader {
                 max: limits.max_payload_bytes,
             });
         }
-        Ok(self.attachments as usize * DESC_LEN + self.payload_len as usize)
+        // Checked: with a very large configured limit, a hostile length
+        // must not wrap around to a small one.
+        let descs = self.attachments as usize * DESC_LEN;
+        let too_large = || Error::FrameTooLarge {
+            len: self.payload_len,
+            max: limits.max_payload_bytes,
+        };
+        usize::try_from(self.payload_len)
+            .ok()
+            .and_then(|p| p.checked_add(descs))
+            .ok_or_else(too_large)
     }
 }
 
@@ -296,6 +306,20 @@ mod tests {
         assert!(
             matches!(h.check(&limits), Err(Error::FrameTooLarge { len, max: 1024 }) if len == u64::MAX)
         );
+    }
+
+    #[test]
+    fn lengths_that_would_wrap_are_refused() {
+        let h = FrameHeader::message(2, 0);
+        let h = FrameHeader {
+            payload_len: u64::MAX - 100,
+            ..h
+        };
+        let limits = Limits {
+            max_payload_bytes: u64::MAX,
+            ..Limits::default()
+        };
+        assert!(matches!(h.check(&limits), Err(Error::FrameTooLarge { .. })));
     }
 
     #[test]

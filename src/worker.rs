@@ -2,8 +2,11 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -150,11 +153,12 @@ impl Builder {
     where
         F: FnOnce(&mut Handle) -> Result<()>,
     {
+        check_envs(&self.envs)?;
         let (parent_sock, child_sock) = sys::socketpair().map_err(Error::Spawn)?;
         let parent = sys::getpid();
         // SAFETY: the child runs `f` and leaves through `exit_now`, never
-        // returning into the caller's frames; the multithreaded caveat is
-        // documented on `Worker`.
+        // returning into the caller's frames (a panic included); the
+        // multithreaded caveat is documented on `Worker`.
         match unsafe { sys::fork() }.map_err(Error::Spawn)? {
             Fork::Child => {
                 drop(parent_sock);
@@ -174,11 +178,16 @@ impl Builder {
         if sys::die_with_parent(parent).is_err() {
             sys::exit_now(entry::EXIT_ORPHANED);
         }
-        for (key, value) in &self.envs {
-            // SAFETY: a child of fork() has exactly one thread: this one.
-            unsafe { std::env::set_var(key, value) };
-        }
-        let code = entry::run_worker(Handle::new(sock, self.limits), f);
+        // Nothing may unwind out of here into the caller's frames, which
+        // belong to the parent's copy of the program.
+        let run = || {
+            for (key, value) in &self.envs {
+                // SAFETY: a child of fork() has exactly one thread: this one.
+                unsafe { std::env::set_var(key, value) };
+            }
+            entry::run_worker(Handle::new(sock, self.limits), f)
+        };
+        let code = panic::catch_unwind(AssertUnwindSafe(run)).unwrap_or(entry::EXIT_PANIC);
         sys::exit_now(code)
     }
 
@@ -190,6 +199,7 @@ impl Builder {
     /// register `entry`; [`Error::Spawn`] if the process cannot start.
     pub fn exec(self, entry: &str) -> Result<Worker> {
         entry::check_registered(entry)?;
+        check_envs(&self.envs)?;
         let (parent_sock, child_sock) = sys::socketpair().map_err(Error::Spawn)?;
         let parent = sys::getpid();
         let child_fd = child_sock.as_raw_fd();
@@ -220,11 +230,32 @@ impl Builder {
     }
 }
 
+/// Refuses, before any process exists, environment entries the OS cannot
+/// hold: an empty name, or a `=` or NUL in a name, or NUL in a value.
+fn check_envs(envs: &[(OsString, OsString)]) -> Result<()> {
+    let bad_key = |k: &OsString| k.is_empty() || k.as_bytes().iter().any(|&b| b == b'=' || b == 0);
+    match envs
+        .iter()
+        .find(|(k, v)| bad_key(k) || v.as_bytes().contains(&0))
+    {
+        Some((key, _)) => Err(Error::Spawn(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "environment variable {key:?}: names must be non-empty without '=' or NUL, values without NUL"
+            ),
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Worker {
     /// Forks a worker that runs `f` with its [`Handle`]; the child exits
     /// when `f` returns (code 0 for `Ok`, 1 for `Err`, 101 on panic).
     ///
     /// See the notes on [`Worker`] about forking a process with threads.
+    /// The parent drops its copy of `f` after the fork: move pool slots
+    /// and received views into the worker by sending them, not by
+    /// capturing them, or both processes would hand the same slot back.
     ///
     /// # Errors
     /// [`Error::Spawn`] if the socket or the process cannot be created.
@@ -441,12 +472,18 @@ impl Worker {
     }
 
     fn reap_within(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
+        let wait = Wait::timeout(timeout);
+        while self.status.is_none() {
             let mut fds = [PollFd::readable(self.pidfd.as_fd())];
-            sys::poll(&mut fds, Some(timeout)).map_err(|source| Error::Wait {
+            let to_error = |source| Error::Wait {
                 pid: self.pid,
                 source,
-            })?;
+            };
+            // A signal ends the poll early (0 ready): go on to the deadline.
+            let ready = sys::poll(&mut fds, wait.remaining()).map_err(to_error)?;
+            if ready > 0 || wait.remaining() == Some(Duration::ZERO) {
+                break;
+            }
         }
         self.reap(false)
     }
@@ -505,8 +542,10 @@ impl fmt::Debug for Worker {
 /// # Errors
 /// [`Error::Timeout`] if none sent a whole message within `timeout`;
 /// [`Error::WorkerDied`] (naming its pid and status) if a worker failed
-/// with nothing left to read; [`Error::Disconnected`] once every worker
-/// has exited and been drained; otherwise as [`Worker::recv`].
+/// with nothing left to read; [`Error::Protocol`] naming a worker that
+/// sent bytes that are not a frame (it is left out of later calls, the
+/// others carry on); [`Error::Disconnected`] once every worker has exited
+/// and been drained; otherwise as [`Worker::recv`].
 ///
 /// # Examples
 ///
@@ -559,8 +598,12 @@ fn receive_any<T: Message>(
         }
         // Frames read ahead earlier are not in any socket for poll to see.
         for (index, worker) in workers.iter_mut().enumerate() {
-            if !worker.drained && worker.link.fill_buffered()? {
-                return worker.link.take_message().map(|m| (index, m));
+            if worker.drained {
+                continue;
+            }
+            let filled = worker.link.fill_buffered();
+            if worker.unless_broken(filled)? {
+                return worker.take_named().map(|m| (index, m));
             }
         }
         let ready = poll_workers(workers, wait.remaining())?;
@@ -572,10 +615,12 @@ fn receive_any<T: Message>(
             }
             let worker = &mut workers[index];
             match worker.link.fill_now() {
-                Ok(true) => return worker.link.take_message().map(|m| (index, m)),
+                Ok(true) => return worker.take_named().map(|m| (index, m)),
                 Ok(false) if !exited => {}
                 Ok(false) | Err(Error::Disconnected) => worker.drain_finished()?,
-                Err(err) => return Err(err),
+                broken => {
+                    worker.unless_broken(broken)?;
+                }
             }
         }
         if wait.remaining() == Some(Duration::ZERO) {
@@ -585,6 +630,28 @@ fn receive_any<T: Message>(
 }
 
 impl Worker {
+    /// A framing error leaves this worker's stream unusable: leave it out of
+    /// later calls, so the others carry on, and say which worker it was.
+    fn unless_broken(&mut self, filled: Result<bool>) -> Result<bool> {
+        filled.map_err(|err| {
+            self.drained = true;
+            self.named(err)
+        })
+    }
+
+    /// Takes the buffered message; a bad one is an error naming this worker
+    /// (its stream stays usable).
+    fn take_named<T: Message>(&mut self) -> Result<(T, Vec<Received>)> {
+        self.link.take_message().map_err(|err| self.named(err))
+    }
+
+    fn named(&self, err: Error) -> Error {
+        match err {
+            Error::Protocol(why) => Error::Protocol(format!("worker {}: {why}", self.pid)),
+            other => other,
+        }
+    }
+
     /// The worker has nothing more to say: fine if it exited cleanly (it is
     /// left out from now on), an error naming it if it failed.
     fn drain_finished(&mut self) -> Result<()> {

@@ -473,3 +473,51 @@ fn plain_recv_refuses_a_message_with_attachments() {
         8
     );
 }
+
+/// One worker that sends bytes that are not frames is reported by pid and
+/// left out; `recv_any` goes on returning the other workers' messages.
+#[test]
+fn recv_any_reports_a_garbled_worker_and_serves_the_rest() {
+    let _w = util::watchdog(
+        "recv_any_reports_a_garbled_worker_and_serves_the_rest",
+        LIMIT,
+    );
+    let garbled = spawn_alone(|| {
+        Worker::spawn(|h| {
+            raw_socket(h).write_all(&[b'A'; 64]).map_err(Error::Send)?;
+            h.recv_timeout::<Signal>(util::STEP).map(drop)
+        })
+    });
+    let good = spawn_alone(|| {
+        Worker::spawn(|h| {
+            for i in 0..5u32 {
+                h.send(&i)?;
+            }
+            h.recv_timeout::<Signal>(util::STEP).map(drop)
+        })
+    });
+    let garbled_pid = garbled.pid();
+    let mut workers = vec![garbled, good];
+    let (mut got, mut reported) = (Vec::new(), 0);
+    while got.len() < 5 {
+        match miniray::recv_any::<u32>(&mut workers, util::STEP) {
+            Ok((index, value)) => {
+                assert_eq!(index, 1, "only the good worker sends messages");
+                got.push(value);
+            }
+            Err(Error::Protocol(why)) => {
+                assert!(
+                    why.contains(&garbled_pid.to_string()),
+                    "names the worker: {why}"
+                );
+                reported += 1;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, [0, 1, 2, 3, 4]);
+    assert_eq!(
+        reported, 1,
+        "the garbled worker is reported once, then left out"
+    );
+}

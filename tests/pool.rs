@@ -413,3 +413,42 @@ fn writing_through_a_pooled_view_kills_the_writer() -> miniray::Result<()> {
     assert_eq!(pool.available(), 1, "the dead reader's slot came back");
     Ok(())
 }
+
+/// Pools a sender drops are unmapped by the receiver once it holds no view
+/// of them, so a pool per epoch never runs into the per-peer pool limit.
+#[test]
+fn dropped_pools_do_not_pile_up_in_the_receiver() -> miniray::Result<()> {
+    let _w = util::watchdog(
+        "dropped_pools_do_not_pile_up_in_the_receiver",
+        Duration::from_secs(120),
+    );
+    let _shared = shared();
+    const EPOCHS: u32 = 80; // Past the limit of 64 pools per peer.
+    let mut w = Worker::spawn(|h| {
+        loop {
+            let (epoch, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+            let first = got[0].as_bytes()[0];
+            drop(got);
+            let pools = util::mappings_matching("miniray-pool").0;
+            h.send(&(epoch, first, pools as u64))?;
+            if epoch + 1 == EPOCHS {
+                return Ok(());
+            }
+        }
+    })?;
+    let mut most = 0;
+    for epoch in 0..EPOCHS {
+        let pool = BufferPool::new(1, 4096)?;
+        let mut slot = pool.acquire(util::STEP)?;
+        slot.as_bytes_mut()[0] = epoch as u8;
+        w.send_with(&epoch, vec![slot.into()])?;
+        let (e, first, pools) = w.recv_timeout::<(u32, u8, u64)>(util::STEP)?;
+        assert_eq!((e, first), (epoch, epoch as u8));
+        most = most.max(pools);
+        drop(pool);
+    }
+    // Two mappings per live pool; only the newest one or two are kept.
+    assert!(most <= 4, "the worker kept {most} pool mappings");
+    assert!(w.wait_timeout(util::STEP)?.success());
+    Ok(())
+}

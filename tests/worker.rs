@@ -374,3 +374,23 @@ fn recv_any_reports_a_failed_worker_by_pid_after_its_messages() {
     let got = recv_any::<u32>(&mut workers, util::STEP);
     assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
 }
+
+/// An environment entry no process can hold is refused before any process
+/// is made (a fork's own failures are never `InvalidInput`).
+#[test]
+fn impossible_environment_is_refused_before_forking() {
+    let _w = util::watchdog(
+        "impossible_environment_is_refused_before_forking",
+        Duration::from_secs(60),
+    );
+    for (key, value) in [("BAD=KEY", "v"), ("", "v"), ("KEY", "nul\0value")] {
+        let err = Worker::builder()
+            .env(key, value)
+            .spawn(|_| Ok(()))
+            .expect_err("refused");
+        assert!(
+            matches!(&err, Error::Spawn(e) if e.kind() == std::io::ErrorKind::InvalidInput),
+            "{err:?}"
+        );
+    }
+}
