@@ -192,8 +192,12 @@ impl Link {
         Ok(())
     }
 
-    fn pool_known(&self, id: u64) -> bool {
-        self.sent_pools.iter().any(|(known, _)| *known == id)
+    /// Whether the peer surely has `pool` mapped: it was sent, and the
+    /// peer has since released a slot of it. Until then, each slot sent
+    /// carries the pool's descriptor again (the first copy may have been
+    /// dropped at the peer's fd limit).
+    fn pool_known(&self, pool: &PoolShared) -> bool {
+        self.sent_pools.iter().any(|(id, _)| *id == pool.id()) && pool.is_confirmed(self.peer_id)
     }
 
     /// The frame is out: pooled slots now belong to the peer, and new pools
@@ -205,8 +209,11 @@ impl Link {
         if !out.new_pools.is_empty() {
             self.sent_pools.retain(|(_, pool)| pool.strong_count() > 0);
         }
-        self.sent_pools
-            .extend(out.new_pools.iter().map(|p| (p.id(), Arc::downgrade(p))));
+        for pool in &out.new_pools {
+            if !self.sent_pools.iter().any(|(id, _)| *id == pool.id()) {
+                self.sent_pools.push((pool.id(), Arc::downgrade(pool)));
+            }
+        }
     }
 
     /// Gives back every pool slot this peer held: call once the peer is dead.
@@ -329,6 +336,7 @@ struct OutgoingSet {
     descs: Vec<AttachmentDesc>,
     fds: Vec<FdSource>,
     leases: Vec<PoolLease>,
+    /// Pools whose descriptor this frame carries.
     new_pools: Vec<Arc<PoolShared>>,
     /// Sender-side mappings of fresh regions, unmapped after the send.
     retired: Vec<Mapping>,
@@ -371,9 +379,7 @@ impl OutgoingSet {
                 desc.len_bytes = len as u64;
                 desc.pool_id = pool.id();
                 desc.slot = lease.slot();
-                if !link.pool_known(pool.id())
-                    && !self.new_pools.iter().any(|p| p.id() == pool.id())
-                {
+                if !link.pool_known(pool) && !self.new_pools.iter().any(|p| p.id() == pool.id()) {
                     desc.flags |= attach::POOL_FD;
                     self.fds.push(FdSource::Pool(pool.clone()));
                     self.new_pools.push(pool.clone());
@@ -478,10 +484,15 @@ fn decode_one(
     let view = match desc.kind {
         attach::MEMFD => BufView::from_memfd(next_fd()?, len)?,
         attach::POOLED => {
-            if desc.flags & attach::POOL_FD != 0 {
-                pools.register(desc.pool_id, next_fd()?)?;
-            }
-            let pool = pools.get(desc.pool_id)?;
+            let announced = match desc.flags & attach::POOL_FD {
+                0 => Ok(()),
+                _ => next_fd().and_then(|fd| pools.register(desc.pool_id, fd)),
+            };
+            // Looked up even if the announcement failed: an unknown pool's
+            // slot is remembered, to be released once the pool is mapped.
+            let pool = pools.get(desc.pool_id, desc.slot);
+            announced?;
+            let pool = pool?;
             if desc.slot >= pool.slots() || len > pool.slot_len() {
                 return Err(Error::Protocol(format!(
                     "slot {} of {len} bytes is outside its pool",

@@ -1,8 +1,9 @@
 //! A pool of shared regions mapped once on both sides.
 //!
 //! One memfd holds a control block and `slots` data slots. Its descriptor
-//! crosses to a peer once, with the first slot sent there; after that a send
-//! names a slot and a length. The receiver hands a slot back by clearing its
+//! crosses to a peer with the slots sent there until the peer is seen to
+//! release one (normally just the first); after that a send names a slot
+//! and a length. The receiver hands a slot back by clearing its
 //! flag in the control block (and waking a waiting writer with a futex), so
 //! a release costs no message. The writer decides which slots it may reuse
 //! from its own private table; the shared flags only say "the reader is done".
@@ -181,6 +182,10 @@ pub(crate) struct PoolShared {
     slot_len: usize,
     slot_stride: usize,
     states: Mutex<Vec<SlotState>>,
+    /// Peers seen to have mapped the pool (they released a slot of it).
+    /// Until a peer is here, every slot sent to it carries the pool's
+    /// descriptor again, in case the first one was lost at its fd limit.
+    confirmed: Mutex<Vec<u64>>,
 }
 
 /// Pool ids only need to be unique among the pools one peer receives; pid
@@ -250,6 +255,7 @@ impl BufferPool {
             slot_len: slot_len_bytes,
             slot_stride: stride,
             states,
+            confirmed: Mutex::new(Vec::new()),
         };
         Ok(BufferPool {
             shared: Arc::new(shared),
@@ -367,10 +373,29 @@ impl PoolShared {
         match states[slot] {
             SlotState::Free => true,
             SlotState::Writing => false,
-            SlotState::Sent { .. } => {
-                self.control.flag(slot as u32).load(Ordering::Acquire) == FREE
+            SlotState::Sent { peer } => {
+                let freed = self.control.flag(slot as u32).load(Ordering::Acquire) == FREE;
+                if freed {
+                    self.confirm(peer);
+                }
+                freed
             }
         }
+    }
+
+    fn confirm(&self, peer: u64) {
+        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        if !confirmed.contains(&peer) {
+            confirmed.push(peer);
+        }
+    }
+
+    /// Whether `peer` is known to have mapped this pool.
+    pub(crate) fn is_confirmed(&self, peer: u64) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -580,16 +605,25 @@ impl PoolLayout {
     }
 }
 
+/// Most slots a receiver remembers from pools it has not mapped (yet).
+const MAX_ORPHAN_SLOTS: usize = 1024;
+
 /// Pools a link has received from its peer, by id.
 #[derive(Default)]
 pub(crate) struct ReceivedPools {
     pools: HashMap<u64, Arc<PoolMapping>>,
+    /// Slots named before their pool was mapped (its descriptor lost at
+    /// the fd limit): released as soon as the pool is announced again.
+    orphans: Vec<(u64, u32)>,
 }
 
 impl ReceivedPools {
+    /// Maps a pool the peer announced. A pool already mapped is announced
+    /// again until its sender has seen a release from us: that copy of the
+    /// descriptor is simply closed.
     pub(crate) fn register(&mut self, id: u64, fd: OwnedFd) -> Result<()> {
         if self.pools.contains_key(&id) {
-            return Err(Error::Protocol(format!("pool {id:#x} registered twice")));
+            return Ok(());
         }
         // Unmap pools their sender has dropped and no view still uses.
         self.pools
@@ -599,11 +633,27 @@ impl ReceivedPools {
                 "more than {MAX_POOLS_PER_LINK} pools from one peer"
             )));
         }
-        self.pools.insert(id, Arc::new(PoolMapping::map(fd, id)?));
+        let pool = Arc::new(PoolMapping::map(fd, id)?);
+        self.release_orphans(id, &pool);
+        self.pools.insert(id, pool);
         Ok(())
     }
 
-    pub(crate) fn get(&self, id: u64) -> Result<&Arc<PoolMapping>> {
+    fn release_orphans(&mut self, id: u64, pool: &PoolMapping) {
+        self.orphans.retain(|&(orphan_id, slot)| {
+            if orphan_id == id && slot < pool.slots() {
+                pool.release(slot);
+            }
+            orphan_id != id
+        });
+    }
+
+    /// The pool of a slot; an unknown pool's slot is remembered, to be
+    /// released if the pool is announced later.
+    pub(crate) fn get(&mut self, id: u64, slot: u32) -> Result<&Arc<PoolMapping>> {
+        if !self.pools.contains_key(&id) && self.orphans.len() < MAX_ORPHAN_SLOTS {
+            self.orphans.push((id, slot));
+        }
         self.pools
             .get(&id)
             .ok_or_else(|| Error::Protocol(format!("slot of unknown pool {id:#x}")))

@@ -728,3 +728,47 @@ fn attachments_stay_with_their_message_when_frames_arrive_together() -> miniray:
     }
     Ok(())
 }
+
+/// The frame that first carries a pool's descriptor is cut at the
+/// receiver's fd limit: the next slot sent announces the pool again, the
+/// receiver maps it then, and the cut frame's slot comes back too.
+#[test]
+fn a_pool_announcement_lost_at_the_fd_limit_is_made_again() -> miniray::Result<()> {
+    let _w = util::watchdog(
+        "a_pool_announcement_lost_at_the_fd_limit_is_made_again",
+        Duration::from_secs(120),
+    );
+    let pool = miniray::BufferPool::new(2, 4096)?;
+    let mut w = Worker::spawn(|h| {
+        let original = fd_limit();
+        set_fd_limit(lowest_free_fd() as u64);
+        h.send(&())?;
+        let first = match h.recv_with_timeout::<u32>(util::STEP) {
+            Err(Error::FdLimit { .. }) => "fd limit".to_string(),
+            Err(other) => format!("error: {other}"),
+            Ok((n, got)) => format!("message {n} with {} attachments", got.len()),
+        };
+        set_fd_limit(original);
+        h.send(&first)?;
+        let (n, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+        let byte = got[0].as_bytes()[0];
+        drop(got);
+        h.send(&(n, byte))
+    })?;
+    w.recv_timeout::<()>(util::STEP)?;
+    let mut lost = pool.acquire(util::STEP)?;
+    lost.as_bytes_mut()[0] = 1;
+    w.send_with(&1u32, vec![lost.into()])?;
+    assert_eq!(w.recv_timeout::<String>(util::STEP)?, "fd limit");
+    let mut next = pool.acquire(util::STEP)?;
+    next.as_bytes_mut()[0] = 2;
+    w.send_with(&2u32, vec![next.into()])?;
+    assert_eq!(w.recv_timeout::<(u32, u8)>(util::STEP)?, (2, 2));
+    assert!(
+        util::eventually(util::STEP, || pool.available() == 2),
+        "both slots come back: {} of 2 available",
+        pool.available()
+    );
+    assert!(w.wait_timeout(util::STEP)?.success());
+    Ok(())
+}
