@@ -521,3 +521,39 @@ fn recv_any_reports_a_garbled_worker_and_serves_the_rest() {
         "the garbled worker is reported once, then left out"
     );
 }
+
+/// A plain blocking `recv` (no timeout given) also sees the death of a
+/// worker whose socket a forked process still holds open.
+#[test]
+fn blocking_recv_sees_death_while_a_forked_process_holds_the_socket() {
+    let _w = util::watchdog(
+        "blocking_recv_sees_death_while_a_forked_process_holds_the_socket",
+        LIMIT,
+    );
+    let mut w = spawn_alone(|| {
+        Worker::spawn(|h| {
+            // SAFETY: a worker has one thread; the child only sleeps and
+            // exits, both async-signal-safe.
+            let holder = match unsafe { libc::fork() } {
+                0 => unsafe {
+                    libc::sleep(LINGER_SECS);
+                    libc::_exit(0)
+                },
+                pid => pid,
+            };
+            h.send(&holder)?;
+            h.recv_timeout::<Signal>(util::STEP).map(drop)
+        })
+    });
+    let holder: i32 = w.recv().expect("holder");
+    assert!(holder > 0, "the worker could not fork");
+    let _cleanup = KillOnDrop(holder as u32);
+    // SAFETY: kill has no memory-safety preconditions; the pid is our
+    // unreaped child.
+    unsafe { libc::kill(w.pid() as libc::pid_t, libc::SIGKILL) };
+    assert_died(w.recv::<u32>(), w.pid(), ExitStatus::Signaled(9));
+    assert!(
+        !ended(holder as u32),
+        "the socket was still held open during the recv"
+    );
+}
