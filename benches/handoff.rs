@@ -35,6 +35,7 @@ fn handoff(c: &mut Criterion) {
 
 fn main() {
     miniray::dispatch(scenarios::ENTRIES);
+    scenarios::pin_parent();
     let mut criterion = Criterion::default().configure_from_args();
     handoff(&mut criterion);
     criterion.final_summary();

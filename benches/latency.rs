@@ -21,6 +21,7 @@ fn latency(c: &mut Criterion) {
 
 fn main() {
     miniray::dispatch(scenarios::ENTRIES);
+    scenarios::pin_parent();
     let mut criterion = Criterion::default().configure_from_args();
     latency(&mut criterion);
     criterion.final_summary();

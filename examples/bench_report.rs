@@ -220,6 +220,9 @@ fn run_all(budget: Budget) -> Vec<Measured> {
     let spawns = SpawnKind::ALL.map(|k| Entry::new(k.name(), 0, k.start()));
     results.extend(measure(spawns.into(), budget));
 
+    // Round trips run with this process and each worker on CPUs of their
+    // own (see `scenarios::pin_parent`); spawns and pipelines run unpinned.
+    scenarios::pin_parent();
     progress("latency and pooled hand-off, side by side");
     let mut side_by_side = vec![
         Entry::new(
@@ -258,6 +261,7 @@ fn run_all(budget: Budget) -> Vec<Measured> {
         }
     }
 
+    scenarios::unpin();
     // Side by side, against the limits measured in the same rounds.
     progress("pipelines, side by side with their limits");
     let pipelines = PipelineKind::ALL.map(|k| {

@@ -11,7 +11,7 @@ use miniray::{BufferPool, SharedBuf, Worker};
 
 use super::plain::PlainPeer;
 use super::{
-    KIB, MIB, Scenario, batch, check_reply, fill_random, first_last, first_last_bytes,
+    KIB, MIB, Scenario, batch, check_reply, fill_random, first_last, first_last_bytes, pin_worker,
     serve_until_closed,
 };
 
@@ -161,6 +161,7 @@ impl RkyvCopyHandoff {
     /// Starts the worker and builds a batch of `len_bytes`.
     pub fn new(len_bytes: usize) -> RkyvCopyHandoff {
         let worker = Worker::spawn(|h| {
+            pin_worker();
             serve_until_closed(h, |h| {
                 let data: Vec<f32> = h.recv()?;
                 h.send(&first_last(&data))
@@ -188,6 +189,7 @@ impl Scenario for RkyvCopyHandoff {
 /// and last element, let go of the region, reply.
 fn spawn_view_reader() -> Worker {
     Worker::spawn(|h| {
+        pin_worker();
         serve_until_closed(h, |h| {
             let ((), received) = h.recv_with::<()>()?;
             let view = received

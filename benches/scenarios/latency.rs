@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use miniray::Worker;
 
 use super::plain::PlainPeer;
-use super::{Scenario, serve_until_closed};
+use super::{Scenario, pin_worker, serve_until_closed};
 
 /// Bytes each way in a round trip: a cache line, a typical small message.
 pub const MESSAGE_BYTES: usize = 64;
@@ -63,6 +63,7 @@ impl RkyvRtt {
     /// Starts the echoing worker.
     pub fn new() -> RkyvRtt {
         let worker = Worker::spawn(|h| {
+            pin_worker();
             serve_until_closed(h, |h| {
                 let message: [u8; MESSAGE_BYTES] = h.recv()?;
                 h.send(&message)

@@ -38,6 +38,63 @@ pub trait Scenario {
 /// that uses the scenarios passes them to `miniray::dispatch` first.
 pub const ENTRIES: &[(&str, miniray::EntryFn)] = &[(spawn::EXEC_ENTRY, spawn::reply_once)];
 
+/// The parent's CPU while it measures round trips; each round-trip
+/// worker runs on [`WORKER_CPU`]. With the placement fixed, every round
+/// trip crosses CPUs the same way in every scenario, instead of however the
+/// scheduler happened to place each worker process (which moved the
+/// round-trip ratios by 0.2 or more from run to run). Spawns and pipelines
+/// run unpinned: a pipeline needs the scheduler free to use both CPUs, and
+/// a spawned child starts wherever its parent allows.
+const PARENT_CPU: usize = 0;
+/// The CPU every scenario's worker process runs on.
+const WORKER_CPU: usize = 1;
+
+/// Pins the calling thread (the measuring parent) to the parent's CPU.
+pub fn pin_parent() {
+    pin(PARENT_CPU);
+}
+
+/// CPUs online; not `available_parallelism`, which shrinks to the pinned
+/// set once a thread is pinned.
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(1) as usize
+}
+
+/// Lets the calling thread run on every CPU again.
+pub fn unpin() {
+    let cpus = online_cpus();
+    // SAFETY: as in `pin`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cpus.min(libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins the calling (worker) process to the workers' CPU.
+pub fn pin_worker() {
+    pin(WORKER_CPU);
+}
+
+/// Best effort: on a machine with one CPU, or where the set is refused,
+/// the scheduler places processes as it likes.
+fn pin(cpu: usize) {
+    if online_cpus() < 2 {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within
+    // it; sched_setaffinity reads `size_of` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Runs a worker's `step` over and over until the parent goes away; any
 /// other error ends the worker with that error.
 pub fn serve_until_closed(

@@ -31,6 +31,7 @@ impl PlainPeer {
         // The child also inherits `sock`, unused there; it cannot keep the
         // child alive, since dropping the `Worker` kills the process.
         let process = Worker::spawn(move |_| {
+            super::pin_worker();
             let _ = serve(theirs);
             Ok(())
         })
