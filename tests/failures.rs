@@ -231,12 +231,9 @@ fn death_is_seen_while_a_forked_process_holds_the_socket() {
     );
 }
 
-/// A send that fills the socket of a worker that died while a forked
-/// process still holds its socket waits on the worker's pidfd too, so it
-/// ends in `WorkerDied` instead of blocking for ever.
-#[test]
-fn full_send_to_a_dead_worker_is_worker_died() {
-    let _w = util::watchdog("full_send_to_a_dead_worker_is_worker_died", LIMIT);
+/// A worker that forks a process (which inherits the worker's socket and
+/// sleeps), reports its pid, and is then SIGKILLed: its socket stays open.
+fn killed_while_a_fork_holds_its_socket() -> (Worker, u32) {
     let mut w = spawn_alone(|| {
         Worker::spawn(|h| {
             // SAFETY: a worker has one thread; the child only sleeps and
@@ -254,10 +251,20 @@ fn full_send_to_a_dead_worker_is_worker_died() {
     });
     let holder: i32 = w.recv_timeout(util::STEP).expect("holder");
     assert!(holder > 0, "the worker could not fork");
-    let _cleanup = KillOnDrop(holder as u32);
     // SAFETY: kill has no memory-safety preconditions; the pid is our
     // unreaped child.
     unsafe { libc::kill(w.pid() as libc::pid_t, libc::SIGKILL) };
+    (w, holder as u32)
+}
+
+/// A send that fills the socket of a worker that died while a forked
+/// process still holds its socket waits on the worker's pidfd too, so it
+/// ends in `WorkerDied` instead of blocking for ever.
+#[test]
+fn full_send_to_a_dead_worker_is_worker_died() {
+    let _w = util::watchdog("full_send_to_a_dead_worker_is_worker_died", LIMIT);
+    let (mut w, holder) = killed_while_a_fork_holds_its_socket();
+    let _cleanup = KillOnDrop(holder);
     // Far more than a socket buffer holds, so the send must wait for room
     // that never comes: nobody reads the held socket.
     let big = vec![7u8; 64 << 20];
@@ -530,27 +537,8 @@ fn blocking_recv_sees_death_while_a_forked_process_holds_the_socket() {
         "blocking_recv_sees_death_while_a_forked_process_holds_the_socket",
         LIMIT,
     );
-    let mut w = spawn_alone(|| {
-        Worker::spawn(|h| {
-            // SAFETY: a worker has one thread; the child only sleeps and
-            // exits, both async-signal-safe.
-            let holder = match unsafe { libc::fork() } {
-                0 => unsafe {
-                    libc::sleep(LINGER_SECS);
-                    libc::_exit(0)
-                },
-                pid => pid,
-            };
-            h.send(&holder)?;
-            h.recv_timeout::<Signal>(util::STEP).map(drop)
-        })
-    });
-    let holder: i32 = w.recv().expect("holder");
-    assert!(holder > 0, "the worker could not fork");
-    let _cleanup = KillOnDrop(holder as u32);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our
-    // unreaped child.
-    unsafe { libc::kill(w.pid() as libc::pid_t, libc::SIGKILL) };
+    let (mut w, holder) = killed_while_a_fork_holds_its_socket();
+    let _cleanup = KillOnDrop(holder);
     assert_died(w.recv::<u32>(), w.pid(), ExitStatus::Signaled(9));
     assert!(
         !ended(holder as u32),
