@@ -270,7 +270,7 @@ fn full_send_to_a_dead_worker_is_worker_died() {
     let big = vec![7u8; 64 << 20];
     assert_died(w.send(&big), w.pid(), ExitStatus::Signaled(9));
     assert!(
-        !ended(holder as u32),
+        !ended(holder),
         "the socket was still held open during the send"
     );
 }
