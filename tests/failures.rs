@@ -541,7 +541,7 @@ fn blocking_recv_sees_death_while_a_forked_process_holds_the_socket() {
     let _cleanup = KillOnDrop(holder);
     assert_died(w.recv::<u32>(), w.pid(), ExitStatus::Signaled(9));
     assert!(
-        !ended(holder as u32),
+        !ended(holder),
         "the socket was still held open during the recv"
     );
 }
