@@ -109,6 +109,14 @@ fn next_peer_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A pool announced to the peer, and whether the peer is known to have
+/// mapped it (cached: once true it stays true).
+struct SentPool {
+    id: u64,
+    pool: Weak<PoolShared>,
+    confirmed: bool,
+}
+
 pub(crate) struct Link {
     sock: OwnedFd,
     limits: Limits,
@@ -116,8 +124,8 @@ pub(crate) struct Link {
     out: AlignedVec,
     arena: Arena,
     reader: FrameReader,
-    /// Pools whose descriptor this peer already has.
-    sent_pools: Vec<(u64, Weak<PoolShared>)>,
+    /// Pools whose descriptor was sent to this peer.
+    sent_pools: Vec<SentPool>,
     recv_pools: ReceivedPools,
 }
 
@@ -196,8 +204,14 @@ impl Link {
     /// peer has since released a slot of it. Until then, each slot sent
     /// carries the pool's descriptor again (the first copy may have been
     /// dropped at the peer's fd limit).
-    fn pool_known(&self, pool: &PoolShared) -> bool {
-        self.sent_pools.iter().any(|(id, _)| *id == pool.id()) && pool.is_confirmed(self.peer_id)
+    fn pool_known(&mut self, pool: &PoolShared) -> bool {
+        let peer = self.peer_id;
+        let Some(sent) = self.sent_pools.iter_mut().find(|s| s.id == pool.id()) else {
+            return false;
+        };
+        // Asked of the pool (a lock) only until the answer is yes.
+        sent.confirmed = sent.confirmed || pool.is_confirmed(peer);
+        sent.confirmed
     }
 
     /// The frame is out: pooled slots now belong to the peer, and new pools
@@ -206,20 +220,26 @@ impl Link {
         for lease in out.leases {
             lease.commit_send(self.peer_id);
         }
-        if !out.new_pools.is_empty() {
-            self.sent_pools.retain(|(_, pool)| pool.strong_count() > 0);
+        if out.new_pools.is_empty() {
+            return; // Steady state: every pool used is confirmed.
         }
+        self.sent_pools.retain(|s| s.pool.strong_count() > 0);
         for pool in &out.new_pools {
-            if !self.sent_pools.iter().any(|(id, _)| *id == pool.id()) {
-                self.sent_pools.push((pool.id(), Arc::downgrade(pool)));
+            if !self.sent_pools.iter().any(|s| s.id == pool.id()) {
+                let (id, pool) = (pool.id(), Arc::downgrade(pool));
+                self.sent_pools.push(SentPool {
+                    id,
+                    pool,
+                    confirmed: false,
+                });
             }
         }
     }
 
     /// Gives back every pool slot this peer held: call once the peer is dead.
     pub(crate) fn reclaim_pool_slots(&mut self) {
-        for (_, pool) in &self.sent_pools {
-            if let Some(pool) = pool.upgrade() {
+        for sent in &self.sent_pools {
+            if let Some(pool) = sent.pool.upgrade() {
                 BufferPool::reclaim(&pool, self.peer_id);
             }
         }
@@ -357,7 +377,7 @@ impl FdSource {
 }
 
 impl OutgoingSet {
-    fn push(&mut self, att: Attachment, link: &Link) -> Result<()> {
+    fn push(&mut self, att: Attachment, link: &mut Link) -> Result<()> {
         let mut desc = AttachmentDesc::zeroed();
         let buf = match att {
             Attachment::Buf(buf) => buf,

@@ -174,18 +174,24 @@ pub struct BufferPool {
 
 pub(crate) struct PoolShared {
     id: u64,
-    /// The process that made the pool; only it may hand out slots.
-    owner_pid: u32,
+    /// The fork generation of the process that made the pool: a forked
+    /// child sees another one, and may not hand out slots.
+    owner_generation: u64,
     fd: OwnedFd,
     control: Control,
     data: Mapping,
     slot_len: usize,
     slot_stride: usize,
-    states: Mutex<Vec<SlotState>>,
+    table: Mutex<Table>,
+}
+
+/// The writer's private bookkeeping, under one lock.
+struct Table {
+    slots: Vec<SlotState>,
     /// Peers seen to have mapped the pool (they released a slot of it).
     /// Until a peer is here, every slot sent to it carries the pool's
     /// descriptor again, in case the first one was lost at its fd limit.
-    confirmed: Mutex<Vec<u64>>,
+    confirmed: Vec<u64>,
 }
 
 /// Pool ids only need to be unique among the pools one peer receives; pid
@@ -245,17 +251,19 @@ impl BufferPool {
         // SAFETY: the control mapping is writable, page-aligned and at least
         // HEADER_LEN long; no other process has it yet.
         unsafe { control.map.as_ptr().cast::<PoolHeader>().write(header) };
-        let states = Mutex::new(vec![SlotState::Free; slots as usize]);
+        let table = Mutex::new(Table {
+            slots: vec![SlotState::Free; slots as usize],
+            confirmed: Vec::new(),
+        });
         let shared = PoolShared {
             id,
-            owner_pid: sys::getpid(),
+            owner_generation: sys::fork_generation(),
             fd,
             control,
             data,
             slot_len: slot_len_bytes,
             slot_stride: stride,
-            states,
-            confirmed: Mutex::new(Vec::new()),
+            table,
         };
         Ok(BufferPool {
             shared: Arc::new(shared),
@@ -274,9 +282,9 @@ impl BufferPool {
 
     /// Slots that [`try_acquire`](Self::try_acquire) could hand out now.
     pub fn available(&self) -> usize {
-        let states = self.shared.lock();
-        (0..states.len())
-            .filter(|&i| self.shared.reusable(&states, i))
+        let mut table = self.shared.lock();
+        (0..table.slots.len())
+            .filter(|&i| self.shared.reusable(&mut table, i))
             .count()
     }
 
@@ -334,14 +342,14 @@ impl BufferPool {
     /// In a process other than the one that made the pool (a forked child).
     pub fn try_acquire(&self) -> Option<SharedBuf> {
         assert_eq!(
-            sys::getpid(),
-            self.shared.owner_pid,
+            sys::fork_generation(),
+            self.shared.owner_generation,
             "a BufferPool hands out slots only in the process that made it; make the pool inside the worker"
         );
-        let mut states = self.shared.lock();
-        let slot = (0..states.len()).find(|&i| self.shared.reusable(&states, i))?;
-        states[slot] = SlotState::Writing;
-        drop(states);
+        let mut table = self.shared.lock();
+        let slot = (0..table.slots.len()).find(|&i| self.shared.reusable(&mut table, i))?;
+        table.slots[slot] = SlotState::Writing;
+        drop(table);
         Some(SharedBuf::pooled(PoolLease {
             pool: self.shared.clone(),
             slot: slot as u32,
@@ -351,51 +359,45 @@ impl BufferPool {
 
     /// Takes back every slot sent to `peer` (a dead process's slots).
     pub(crate) fn reclaim(shared: &PoolShared, peer: u64) {
-        let mut states = shared.lock();
-        for state in states
+        let mut table = shared.lock();
+        for state in table
+            .slots
             .iter_mut()
             .filter(|s| **s == SlotState::Sent { peer })
         {
             *state = SlotState::Free;
         }
-        drop(states);
+        table.confirmed.retain(|&p| p != peer); // Peer ids are never reused.
+        drop(table);
         shared.control.bump();
     }
 }
 
 impl PoolShared {
-    fn lock(&self) -> MutexGuard<'_, Vec<SlotState>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         // The table holds no invariant a panicking holder could break.
-        self.states.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn reusable(&self, states: &[SlotState], slot: usize) -> bool {
-        match states[slot] {
+    /// Whether `slot` can be handed out; seeing a slot the peer released
+    /// also records that the peer has the pool mapped.
+    fn reusable(&self, table: &mut Table, slot: usize) -> bool {
+        match table.slots[slot] {
             SlotState::Free => true,
             SlotState::Writing => false,
             SlotState::Sent { peer } => {
                 let freed = self.control.flag(slot as u32).load(Ordering::Acquire) == FREE;
-                if freed {
-                    self.confirm(peer);
+                if freed && !table.confirmed.contains(&peer) {
+                    table.confirmed.push(peer);
                 }
                 freed
             }
         }
     }
 
-    fn confirm(&self, peer: u64) {
-        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
-        if !confirmed.contains(&peer) {
-            confirmed.push(peer);
-        }
-    }
-
     /// Whether `peer` is known to have mapped this pool.
     pub(crate) fn is_confirmed(&self, peer: u64) -> bool {
-        self.confirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&peer)
+        self.lock().confirmed.contains(&peer)
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -462,7 +464,7 @@ impl PoolLease {
     /// The frame went out: the slot is the peer's until it clears the flag
     /// (or dies, see [`BufferPool::reclaim`]).
     pub(crate) fn commit_send(mut self, peer: u64) {
-        self.pool.lock()[self.slot as usize] = SlotState::Sent { peer };
+        self.pool.lock().slots[self.slot as usize] = SlotState::Sent { peer };
         self.sent = true;
     }
 }
@@ -470,7 +472,7 @@ impl PoolLease {
 impl Drop for PoolLease {
     fn drop(&mut self) {
         if !self.sent {
-            self.pool.lock()[self.slot as usize] = SlotState::Free;
+            self.pool.lock().slots[self.slot as usize] = SlotState::Free;
             self.pool.control.bump();
         }
     }

@@ -537,6 +537,25 @@ pub unsafe fn fork() -> io::Result<Fork> {
     }
 }
 
+/// Forks this process has gone through: 0 in the original, bumped in each
+/// child by a `pthread_atfork` handler. Lets a child notice state it merely
+/// inherited with one atomic load, where comparing pids costs a syscall.
+pub fn fork_generation() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a handler that only bumps an atomic, which is
+        // async-signal-safe, as a child handler must be.
+        unsafe { libc::pthread_atfork(None, None, Some(bump_fork_generation)) };
+    });
+    FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static FORK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn bump_fork_generation() {
+    FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Ends the process at once, without running destructors or `atexit`
 /// handlers (which belong to the parent's copy of the state).
 pub fn exit_now(code: i32) -> ! {

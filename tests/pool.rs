@@ -452,3 +452,27 @@ fn dropped_pools_do_not_pile_up_in_the_receiver() -> miniray::Result<()> {
     assert!(w.wait_timeout(util::STEP)?.success());
     Ok(())
 }
+
+/// A forked worker inherits a copy of its parent's pool bookkeeping; taking
+/// a slot there would hand out slots the parent also hands out, so it
+/// panics instead (the worker ends with code 101).
+#[test]
+fn a_forked_child_cannot_take_slots_of_its_parents_pool() -> miniray::Result<()> {
+    let _w = util::watchdog(
+        "a_forked_child_cannot_take_slots_of_its_parents_pool",
+        Duration::from_secs(60),
+    );
+    let _shared = shared();
+    let pool = BufferPool::new(1, 4096)?;
+    let inherited = pool.clone();
+    let mut w = Worker::spawn(move |_| {
+        let _ = inherited.try_acquire();
+        Ok(())
+    })?;
+    assert_eq!(w.wait_timeout(util::STEP)?, ExitStatus::Exited(101));
+    assert!(
+        pool.try_acquire().is_some(),
+        "the parent still hands out its slot"
+    );
+    Ok(())
+}
