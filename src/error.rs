@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::worker::ExitStatus;
+use crate::status::ExitStatus;
 
 /// Everything that can go wrong in MiniRay.
 ///

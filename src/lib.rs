@@ -97,6 +97,7 @@ mod handle;
 mod link;
 mod pool;
 mod reader;
+mod status;
 mod sys;
 mod tensor;
 mod wire;
@@ -110,7 +111,8 @@ pub use link::Message;
 pub use pool::{BufferPool, MAX_POOL_SLOTS};
 pub use tensor::{Attachment, DType, Element, Received, Tensor, TensorView};
 pub use wire::Limits;
-pub use worker::{Builder, ExitStatus, Worker, recv_any, recv_any_with};
+pub use status::ExitStatus;
+pub use worker::{Builder, Worker, recv_any, recv_any_with};
 
 /// The rkyv version messages are archived with; derive against it.
 pub use rkyv;

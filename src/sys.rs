@@ -20,8 +20,6 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use crate::worker::ExitStatus;
-
 /// Most descriptors one `sendmsg` may carry: the kernel's `SCM_MAX_FD`.
 pub const MAX_FDS_PER_MSG: usize = 253;
 
@@ -616,8 +614,17 @@ pub fn kill_pid(pid: u32) {
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
 }
 
+/// How a reaped child ended, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// It called `exit` with this code.
+    Exited(i32),
+    /// A signal of this number killed it.
+    Signaled(i32),
+}
+
 /// Reaps child `pid`. With `block == false`, returns `None` if it still runs.
-pub fn waitpid(pid: u32, block: bool) -> io::Result<Option<ExitStatus>> {
+pub fn waitpid(pid: u32, block: bool) -> io::Result<Option<Ended>> {
     let mut status: libc::c_int = 0;
     let flags = if block { 0 } else { libc::WNOHANG };
     // SAFETY: `status` is valid for the kernel to write.
@@ -626,9 +633,9 @@ pub fn waitpid(pid: u32, block: bool) -> io::Result<Option<ExitStatus>> {
         return Ok(None);
     }
     Ok(Some(if libc::WIFSIGNALED(status) {
-        ExitStatus::Signaled(libc::WTERMSIG(status))
+        Ended::Signaled(libc::WTERMSIG(status))
     } else {
-        ExitStatus::Exited(libc::WEXITSTATUS(status))
+        Ended::Exited(libc::WEXITSTATUS(status))
     }))
 }
 

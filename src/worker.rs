@@ -17,56 +17,13 @@ use crate::link::{Link, Message, Wait};
 use crate::sys::{self, Fork, PollFd};
 use crate::tensor::{Attachment, Received};
 use crate::wire::Limits;
+use crate::status::ExitStatus;
 use crate::{Error, Result};
 
 /// After the socket closes, how long to wait for the process to finish
 /// exiting before calling it a disconnect rather than a death: exit closes
 /// descriptors a moment before the process becomes reapable.
 const DEATH_GRACE: Duration = Duration::from_secs(2);
-
-/// How a worker process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExitStatus {
-    /// It exited with this code: 0 when its function returned `Ok`, 1 when
-    /// it returned `Err`, 101 when it panicked (as a Rust `main` does).
-    Exited(i32),
-    /// It was killed by this signal.
-    Signaled(i32),
-}
-
-impl ExitStatus {
-    /// Whether it exited with code 0.
-    pub fn success(&self) -> bool {
-        *self == ExitStatus::Exited(0)
-    }
-
-    /// The exit code, if it exited.
-    pub fn code(&self) -> Option<i32> {
-        match *self {
-            ExitStatus::Exited(code) => Some(code),
-            ExitStatus::Signaled(_) => None,
-        }
-    }
-
-    /// The signal, if it was killed by one.
-    pub fn signal(&self) -> Option<i32> {
-        match *self {
-            ExitStatus::Signaled(sig) => Some(sig),
-            ExitStatus::Exited(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
-            ExitStatus::Signaled(sig) => {
-                write!(f, "killed by signal {sig} ({})", sys::signal_name(sig))
-            }
-        }
-    }
-}
 
 /// A worker process and the socket to it.
 ///
@@ -492,7 +449,7 @@ impl Worker {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let status = sys::waitpid(self.pid, block).map_err(|source| Error::Wait {
+        let status = sys::waitpid(self.pid, block).map(|s| s.map(ExitStatus::from)).map_err(|source| Error::Wait {
             pid: self.pid,
             source,
         })?;
