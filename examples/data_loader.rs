@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use miniray::rkyv::{Archive, Deserialize, Serialize};
-use miniray::{BufferPool, DType, Handle, SharedBuf, Tensor, Worker, recv_any_with};
+use miniray::{BufferPool, DType, Handle, SharedBuf, Tensor, Worker, Workers};
 
 const PRODUCERS: u32 = 2;
 /// Batches per run, over all producers.
@@ -52,7 +52,7 @@ fn produce(h: &mut Handle, source: Source, producer: u32, count: u32) -> miniray
     for i in 0..count {
         let start = Instant::now();
         let buf = match &pool {
-            Some(pool) => pool.acquire(STALL)?,
+            Some(pool) => pool.acquire_timeout(STALL)?,
             None => SharedBuf::new(BATCH_BYTES)?,
         };
         wait += start.elapsed();
@@ -61,7 +61,7 @@ fn produce(h: &mut Handle, source: Source, producer: u32, count: u32) -> miniray
         let value = (producer * 100_000 + i) as f32;
         batch.as_mut_slice::<f32>()?.fill(value);
         fill += start.elapsed();
-        h.send_with(&FromProducer::Batch { value }, vec![batch.into()])?;
+        h.send_attached(&FromProducer::Batch { value }, vec![batch.into()])?;
     }
     let done = FromProducer::Done {
         fill_us: fill.as_micros() as u64,
@@ -92,12 +92,12 @@ fn run(source: Source) -> miniray::Result<Run> {
     let per_producer = BATCHES / PRODUCERS;
     let mut producers = (0..PRODUCERS)
         .map(|p| Worker::spawn(move |h| produce(h, source, p, per_producer)))
-        .collect::<miniray::Result<Vec<_>>>()?;
+        .collect::<miniray::Result<Workers>>()?;
     let start = Instant::now();
     let (mut consumed, mut done) = (0, 0);
     let (mut fill, mut wait) = (Duration::ZERO, Duration::ZERO);
     while done < PRODUCERS {
-        let (_, msg, mut got) = recv_any_with::<FromProducer>(&mut producers, STALL)?;
+        let (_, msg, mut got) = producers.recv_any_attached_timeout::<FromProducer>(STALL)?;
         match msg {
             FromProducer::Batch { value } => {
                 consume(got.remove(0).into_tensor()?, value)?;
@@ -112,9 +112,7 @@ fn run(source: Source) -> miniray::Result<Run> {
     }
     let elapsed = start.elapsed();
     assert_eq!(consumed, per_producer * PRODUCERS);
-    for w in &mut producers {
-        assert!(w.wait()?.success());
-    }
+    assert!(producers.wait_all()?.iter().all(|s| s.success()));
     Ok(Run {
         elapsed,
         fill,

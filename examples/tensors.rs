@@ -22,7 +22,7 @@ const BATCHES: usize = 5;
 /// A worker: acknowledge each batch as soon as it is mapped, then, when the
 /// parent says so, answer with its row sums and how long summing took.
 fn row_sums(h: &mut Handle) -> miniray::Result<()> {
-    while let (Some(id), mut got) = h.recv_with::<Option<u32>>()? {
+    while let (Some(id), mut got) = h.recv_attached::<Option<u32>>()? {
         let x = got.remove(0).into_tensor()?;
         h.send(&id)?; // the hand-off is complete: the pages are mapped here
         h.recv::<()>()?; // start summing only once the parent has timed that
@@ -33,7 +33,7 @@ fn row_sums(h: &mut Handle) -> miniray::Result<()> {
             *sum = row.iter().sum();
         }
         let compute_us = start.elapsed().as_micros() as u64;
-        h.send_with(&(id, compute_us), vec![sums.into()])?;
+        h.send_attached(&(id, compute_us), vec![sums.into()])?;
     }
     Ok(())
 }
@@ -67,7 +67,11 @@ fn new_batch(size_mib: usize, pool: Option<&BufferPool>) -> miniray::Result<Tens
     let shape = [(size_mib << 20) / (COLS * size_of::<f32>()), COLS];
     match pool {
         None => Tensor::zeros(DType::F32, &shape),
-        Some(pool) => Tensor::from_buf(pool.acquire(Duration::from_secs(10))?, DType::F32, &shape),
+        Some(pool) => Tensor::from_buf(
+            pool.acquire_timeout(Duration::from_secs(10))?,
+            DType::F32,
+            &shape,
+        ),
     }
 }
 
@@ -84,7 +88,7 @@ fn run_batch(
     let fill = start.elapsed();
 
     let start = Instant::now();
-    w.send_with(&Some(id), vec![x.into()])?;
+    w.send_attached(&Some(id), vec![x.into()])?;
     let send = start.elapsed();
     assert_eq!(w.recv::<u32>()?, id);
     let hand_off = start.elapsed();
@@ -92,7 +96,7 @@ fn run_batch(
     let start = Instant::now();
     w.send(&())?;
 
-    let (answered, mut got) = w.recv_with::<(u32, u64)>()?;
+    let (answered, mut got) = w.recv_attached::<(u32, u64)>()?;
     let answer_total = start.elapsed();
     let sums = got.remove(0).into_tensor()?;
     assert_eq!((answered.0, sums.shape()), (id, &[rows][..]));
@@ -127,7 +131,7 @@ fn main() -> miniray::Result<()> {
     );
     println!(
         "{:>8} {:>7}  {:>20}  {:>10}  {:>10}  {:>11}  {:>9}",
-        "batch", "region", "fill", "send_with", "hand-off", "worker sums", "sums back"
+        "batch", "region", "fill", "send_attached", "hand-off", "worker sums", "sums back"
     );
     let mut id = 0u32;
     for size_mib in SIZES_MIB {
@@ -168,16 +172,16 @@ fn main() -> miniray::Result<()> {
         "fill:        getting the batch and writing every element (a fresh region faults in each page)"
     );
     println!(
-        "send_with:   the parent's side of the send (a fresh region's mapping is torn down here)"
+        "send_attached:   the parent's side of the send (a fresh region's mapping is torn down here)"
     );
     println!(
-        "hand-off:    send_with until the worker has the batch mapped (one message round trip)"
+        "hand-off:    send_attached until the worker has the batch mapped (one message round trip)"
     );
     println!(
         "sums back:   asking for the row sums until they arrive as a tensor, less the summing itself"
     );
     for w in &mut workers {
-        w.send_with(&None::<u32>, Vec::new())?;
+        w.send_attached(&None::<u32>, Vec::new())?;
         w.wait()?;
     }
     Ok(())

@@ -5,12 +5,12 @@
 
 use std::ffi::CStr;
 use std::fmt;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use bytemuck::Pod;
 
-use crate::pool::{PoolLease, PoolMapping};
+use crate::shm::{PoolLease, PoolMapping, check_sealed};
 use crate::sys::{self, MapOptions, Mapping};
 use crate::{Error, Result};
 
@@ -40,8 +40,13 @@ pub struct SharedBuf {
 }
 
 enum Backing {
-    /// A memfd of its own; `map` is `None` for an empty buffer.
-    Memfd { fd: OwnedFd, map: Option<Mapping> },
+    /// A memfd of its own; `map` is `None` for an empty buffer. `sealed`
+    /// once a send sealed it (a send that failed hands it back so).
+    Memfd {
+        fd: OwnedFd,
+        map: Option<Mapping>,
+        sealed: bool,
+    },
     /// A slot of a buffer pool.
     Pooled(PoolLease),
 }
@@ -73,7 +78,11 @@ impl SharedBuf {
         };
         Ok(SharedBuf {
             len: len_bytes,
-            backing: Backing::Memfd { fd, map },
+            backing: Backing::Memfd {
+                fd,
+                map,
+                sealed: false,
+            },
         })
     }
 
@@ -173,26 +182,57 @@ impl SharedBuf {
         }
     }
 
-    /// Turns the buffer into what a frame carries. A fresh region is
-    /// sealed against resizing, writes and new writable mappings; its
-    /// writable mapping travels along, to be dropped once the frame is out
-    /// (unmapping a large filled region takes milliseconds: the receiver
-    /// can start meanwhile).
-    pub(crate) fn into_outgoing(self) -> Result<Outgoing> {
+    /// Seals a fresh region against resizing, writes and new writable
+    /// mappings before it is sent (once: a send that failed hands it back
+    /// sealed). Its writable mapping stays, to be dropped once the frame is
+    /// out (unmapping a large filled region takes milliseconds: the
+    /// receiver can start meanwhile).
+    pub(crate) fn seal_for_send(&mut self) -> Result<()> {
+        if let Backing::Memfd { fd, sealed, .. } = &mut self.backing
+            && !*sealed
+        {
+            let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
+            sys::add_seals(fd.as_fd(), seals).map_err(Error::Buffer)?;
+            *sealed = true;
+        }
+        Ok(())
+    }
+
+    /// Turns the buffer into what a frame carries, after
+    /// [`seal_for_send`](Self::seal_for_send).
+    pub(crate) fn into_outgoing(self) -> Outgoing {
         match self.backing {
-            Backing::Memfd { fd, map } => {
-                let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
-                sys::add_seals(fd.as_fd(), seals).map_err(Error::Buffer)?;
-                Ok(Outgoing::Memfd {
+            Backing::Memfd { fd, map, sealed } => {
+                debug_assert!(sealed, "sealed before it goes out");
+                Outgoing::Memfd {
                     fd,
                     map,
                     len: self.len,
-                })
+                }
             }
-            Backing::Pooled(lease) => Ok(Outgoing::Pooled {
+            Backing::Pooled(lease) => Outgoing::Pooled {
                 lease,
                 len: self.len,
-            }),
+            },
+        }
+    }
+
+    /// The buffer a send could not deliver, as its owner had it (a fresh
+    /// region stays sealed against resizing but keeps its writable mapping).
+    pub(crate) fn from_outgoing(out: Outgoing) -> SharedBuf {
+        match out {
+            Outgoing::Memfd { fd, map, len } => SharedBuf {
+                len,
+                backing: Backing::Memfd {
+                    fd,
+                    map,
+                    sealed: true,
+                },
+            },
+            Outgoing::Pooled { lease, len } => SharedBuf {
+                len,
+                backing: Backing::Pooled(lease),
+            },
         }
     }
 }
@@ -254,11 +294,11 @@ fn cast<T: Pod>(bytes: &[u8]) -> Result<&[T]> {
 /// use miniray::{Handle, SharedBuf, Worker};
 ///
 /// let mut w = Worker::spawn(|h: &mut Handle| {
-///     let ((), bufs) = h.recv_with::<()>()?;
+///     let ((), bufs) = h.recv_attached::<()>()?;
 ///     let view = bufs.into_iter().next().unwrap().into_buf();
 ///     h.send(&view.as_slice::<u64>()?.iter().sum::<u64>())
 /// })?;
-/// w.send_with(&(), vec![SharedBuf::from_slice(&[1u64, 2, 3])?.into()])?;
+/// w.send_attached(&(), vec![SharedBuf::from_slice(&[1u64, 2, 3])?.into()])?;
 /// assert_eq!(w.recv::<u64>()?, 6);
 /// w.wait()?;
 /// # Ok::<(), miniray::Error>(())
@@ -269,15 +309,35 @@ pub struct BufView {
 }
 
 enum ViewBacking {
-    Empty,
-    Memfd(Mapping),
-    Pooled { pool: Arc<PoolMapping>, slot: u32 },
+    /// No bytes; `fd` kept only to forward the (empty) region.
+    Empty { fd: Option<OwnedFd> },
+    /// A fresh region; its descriptor is kept only if the receiver asked
+    /// to forward what it receives.
+    Memfd { map: Mapping, fd: Option<OwnedFd> },
+    /// A slot of the peer's pool, held through `seat`.
+    Pooled {
+        pool: Arc<PoolMapping>,
+        slot: u32,
+        seat: u32,
+    },
+}
+
+/// How a view can travel on to another process, if it can.
+pub(crate) enum Forward<'a> {
+    /// A fresh region: its descriptor.
+    Memfd(BorrowedFd<'a>),
+    /// A pool slot: the pool, the slot and the seat that holds it.
+    Pooled {
+        pool: &'a PoolMapping,
+        slot: u32,
+        seat: u32,
+    },
 }
 
 impl BufView {
-    /// Maps a received memfd read-only after checking its seals, and
-    /// closes the descriptor.
-    pub(crate) fn from_memfd(fd: OwnedFd, len: usize) -> Result<BufView> {
+    /// Maps a received memfd read-only after checking its seals. The
+    /// descriptor is closed at once unless `keep_fd` (to forward the view).
+    pub(crate) fn from_memfd(fd: OwnedFd, len: usize, keep_fd: bool) -> Result<BufView> {
         check_sealed(&fd)?;
         let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
         if len as u64 > size {
@@ -286,9 +346,10 @@ impl BufView {
             )));
         }
         if len == 0 {
+            let fd = keep_fd.then_some(fd);
             return Ok(BufView {
                 len,
-                backing: ViewBacking::Empty,
+                backing: ViewBacking::Empty { fd },
             });
         }
         let opts = MapOptions {
@@ -296,17 +357,45 @@ impl BufView {
             populate: false,
         };
         let map = Mapping::new(fd.as_fd(), 0, len, opts).map_err(Error::buffer)?;
+        let fd = keep_fd.then_some(fd); // Otherwise it closes here.
         Ok(BufView {
             len,
-            backing: ViewBacking::Memfd(map),
-        }) // `fd` closes here.
+            backing: ViewBacking::Memfd { map, fd },
+        })
     }
 
-    pub(crate) fn pooled(pool: Arc<PoolMapping>, slot: u32, len: usize) -> BufView {
+    pub(crate) fn pooled(pool: Arc<PoolMapping>, slot: u32, seat: u32, len: usize) -> BufView {
         debug_assert!(len <= pool.slot_len());
         BufView {
             len,
-            backing: ViewBacking::Pooled { pool, slot },
+            backing: ViewBacking::Pooled { pool, slot, seat },
+        }
+    }
+
+    /// What a forward of this view sends, or why it cannot be forwarded.
+    pub(crate) fn forward(&self) -> Result<Forward<'_>> {
+        match &self.backing {
+            ViewBacking::Empty { fd: Some(fd) } | ViewBacking::Memfd { fd: Some(fd), .. } => {
+                Ok(Forward::Memfd(fd.as_fd()))
+            }
+            ViewBacking::Empty { fd: None } | ViewBacking::Memfd { fd: None, .. } => {
+                Err(Error::View(
+                    "this view's descriptor was closed when it arrived; call set_forwarding(true) on the receiving side before receiving what you forward, or send pool slots".into(),
+                ))
+            }
+            ViewBacking::Pooled { pool, slot, seat } => Ok(Forward::Pooled {
+                pool,
+                slot: *slot,
+                seat: *seat,
+            }),
+        }
+    }
+
+    /// The view went to another process, which now gives the slot back:
+    /// drop it without releasing.
+    pub(crate) fn forwarded(mut self) {
+        if let ViewBacking::Pooled { .. } = self.backing {
+            self.backing = ViewBacking::Empty { fd: None };
         }
     }
 
@@ -323,9 +412,9 @@ impl BufView {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         let ptr = match &self.backing {
-            ViewBacking::Empty => return &[],
-            ViewBacking::Memfd(map) => map.as_ptr(),
-            ViewBacking::Pooled { pool, slot } => pool.slot_ptr(*slot),
+            ViewBacking::Empty { .. } => return &[],
+            ViewBacking::Memfd { map, .. } => map.as_ptr(),
+            ViewBacking::Pooled { pool, slot, .. } => pool.slot_ptr(*slot),
         };
         // SAFETY: ptr points to a live read-only mapping of at least `len`
         // bytes held by `self`. A fresh region is write-sealed; a pool slot
@@ -350,8 +439,8 @@ impl BufView {
 
 impl Drop for BufView {
     fn drop(&mut self) {
-        if let ViewBacking::Pooled { pool, slot } = &self.backing {
-            pool.release(*slot);
+        if let ViewBacking::Pooled { pool, slot, seat } = &self.backing {
+            pool.release(*slot, *seat);
         }
     }
 }
@@ -363,14 +452,4 @@ impl fmt::Debug for BufView {
             .field("pooled", &self.is_pooled())
             .finish()
     }
-}
-
-/// Refuses a region whose size its sender could still change.
-pub(crate) fn check_sealed(fd: &OwnedFd) -> Result<()> {
-    let seals = sys::seals(fd.as_fd())
-        .map_err(|e| Error::Protocol(format!("an attachment is not a sealable memfd ({e})")))?;
-    if seals & sys::SEAL_SIZE != sys::SEAL_SIZE {
-        return Err(Error::Unsealed { seals });
-    }
-    Ok(())
 }

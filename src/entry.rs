@@ -3,11 +3,14 @@
 
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once, OnceLock};
+use std::time::Duration;
 
+use crate::codec::{Limits, MAX_ATTACHMENTS_PER_FRAME};
 use crate::handle::Handle;
 use crate::sys;
-use crate::wire::Limits;
+use crate::wait::Wait;
 use crate::{Error, Result};
 
 /// Names the entry point an exec'd worker runs.
@@ -31,7 +34,14 @@ pub(crate) const EXIT_PANIC: i32 = 101;
 /// The function an exec-mode worker runs.
 pub type EntryFn = fn(&mut Handle) -> Result<()>;
 
+/// How long a failing worker waits for room to tell its parent why: a
+/// parent that reads nothing must not keep it from exiting.
+const EXIT_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
 static REGISTERED: OnceLock<Vec<String>> = OnceLock::new();
+/// Threads this process had when `dispatch` ran; more than one means it
+/// did not run first thing in `main`.
+static THREADS_AT_DISPATCH: AtomicUsize = AtomicUsize::new(0);
 
 /// Registers the program's entry points and, if this process was started
 /// as a worker by [`Worker::exec`](crate::Worker::exec), runs the one it
@@ -59,9 +69,11 @@ static REGISTERED: OnceLock<Vec<String>> = OnceLock::new();
 /// ```
 pub fn dispatch(entries: &[(&str, EntryFn)]) {
     let _ = REGISTERED.set(entries.iter().map(|(name, _)| name.to_string()).collect());
+    THREADS_AT_DISPATCH.store(thread_count(), Ordering::Relaxed);
     let Some(name) = started_as_worker() else {
         return;
     };
+    capture_panics();
     let code = match entries.iter().find(|(n, _)| *n == name) {
         Some((_, run)) => match adopt_socket() {
             Ok(handle) => run_worker(handle, run),
@@ -96,7 +108,7 @@ fn adopt_socket() -> Result<Handle> {
         return Err(missing());
     }
     sys::set_cloexec(sock.as_fd()).map_err(Error::Spawn)?;
-    Ok(Handle::new(sock, inherited_limits()))
+    Handle::new(sock, inherited_limits())
 }
 
 /// Writes `limits` for an exec'd worker's environment.
@@ -112,7 +124,7 @@ fn inherited_limits() -> Limits {
             max_payload_bytes: payload.parse().ok()?,
             max_attachments: attachments.parse().ok()?,
         };
-        (limits.max_attachments as usize <= sys::MAX_FDS_PER_MSG).then_some(limits)
+        (limits.max_attachments <= MAX_ATTACHMENTS_PER_FRAME).then_some(limits)
     };
     std::env::var(ENV_LIMITS)
         .ok()
@@ -120,12 +132,66 @@ fn inherited_limits() -> Limits {
         .unwrap_or_default()
 }
 
-/// Fails early, in the parent, for a name `dispatch` did not register.
+/// Fails early, in the parent, for a name `dispatch` did not register, or
+/// a `dispatch` that did not run first thing in `main`: the worker, which
+/// runs this binary from `main` again, would run whatever came before it
+/// (a whole test harness, for one) before reaching its entry point.
 pub(crate) fn check_registered(name: &str) -> Result<()> {
     match REGISTERED.get() {
-        Some(names) if names.iter().any(|n| n == name) => Ok(()),
-        _ => Err(Error::UnknownEntry(name.to_string())),
+        Some(names) if names.iter().any(|n| n == name) => {}
+        _ => return Err(Error::UnknownEntry(name.to_string())),
     }
+    match THREADS_AT_DISPATCH.load(Ordering::Relaxed) {
+        0 | 1 => Ok(()),
+        threads => Err(Error::Exec(format!(
+            "miniray::dispatch ran while this process had {threads} threads, so not first thing in main \
+             (inside a #[test], for example); the worker would rerun everything before it. Call dispatch \
+             first in main; to test exec-mode code, use a test target with harness = false or a helper \
+             binary (see docs/TESTING.md)"
+        ))),
+    }
+}
+
+/// Threads of this process, from `/proc/self/status`; 0 if unknown.
+fn thread_count() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Set in a worker process: its panics are kept for its EXIT frame.
+static IN_WORKER: AtomicBool = AtomicBool::new(false);
+/// The last panic of this worker, as `panicked at FILE:LINE:COL: MESSAGE`.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Installs (once) a panic hook that, in a worker, keeps the panic's
+/// message and location for the parent, then runs the previous hook. In
+/// the parent it only forwards: it takes no lock there, so a fork while a
+/// parent thread panics cannot leave its lock held in the child.
+pub(crate) fn capture_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if IN_WORKER.load(Ordering::Relaxed) {
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with a non-string payload".into());
+                let text = match info.location() {
+                    Some(at) => format!("panicked at {at}: {message}"),
+                    None => format!("panicked: {message}"),
+                };
+                *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+            }
+            previous(info);
+        }));
+    });
 }
 
 /// Runs a worker's function and turns its outcome into an exit code.
@@ -133,27 +199,49 @@ pub(crate) fn run_worker<F>(mut handle: Handle, f: F) -> i32
 where
     F: FnOnce(&mut Handle) -> Result<()>,
 {
+    IN_WORKER.store(true, Ordering::Relaxed);
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| f(&mut handle)));
+    let (code, last_word) = match &outcome {
+        Ok(Ok(())) => (0, None),
+        Ok(Err(err)) => (EXIT_ERROR, Some(error_text(err))),
+        Err(_) => {
+            let text = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+            (EXIT_PANIC, Some(text.unwrap_or_else(|| "panicked".into())))
+        }
+    };
+    if let Some(text) = &last_word {
+        // Best effort: the parent may be gone, or the link closed.
+        let wait = Wait::timeout(EXIT_REPORT_TIMEOUT);
+        let _ = handle.tx.send_exit(code, text, wait);
+    }
     drop(handle);
     // No stdout flush here: in a forked worker, a parent thread that was
     // printing at the fork holds the stdout lock forever, and taking it
     // would hang the worker. `println!` lines are out already (stdout is
     // line-buffered), and exec mode's `process::exit` flushes the rest
     // without waiting on the lock.
-    match outcome {
-        Ok(Ok(())) => 0,
-        Ok(Err(err)) => report("function", &err, EXIT_ERROR),
-        Err(_) => EXIT_PANIC, // The panic hook already printed the message.
-    }
+    if let Ok(Err(err)) = &outcome {
+        report("function", err, EXIT_ERROR);
+    } // A panic's hook already printed its message.
+    code
 }
 
-fn report(what: &str, err: &Error, code: i32) -> i32 {
-    let mut text = format!("miniray worker {} ({what}): {err}", sys::getpid());
+/// An error and its causes, on one line.
+fn error_text(err: &Error) -> String {
+    let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
         text.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    eprintln!("{text}");
+    text
+}
+
+fn report(what: &str, err: &Error, code: i32) -> i32 {
+    eprintln!(
+        "miniray worker {} ({what}): {}",
+        sys::getpid(),
+        error_text(err)
+    );
     code
 }

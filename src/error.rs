@@ -29,13 +29,59 @@ pub enum Error {
     Disconnected,
 
     /// The worker process exited or was killed.
-    #[error("worker {pid} died: {status}")]
+    ///
+    /// Shown as `worker 4242 died: exited with code 101: panicked at
+    /// src/main.rs:12:5: index out of bounds` when the worker reported why.
+    #[error("worker {pid} died: {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     WorkerDied {
         /// The worker's process id.
         pid: u32,
-        /// How it ended.
+        /// How it ended (the process status, the authority).
         status: ExitStatus,
+        /// The error its function returned, or its panic message, as its
+        /// EXIT frame told it; `None` if it sent none (killed, or exited
+        /// by other means).
+        message: Option<String>,
     },
+
+    /// A message arrived that was sent as another type than the one asked
+    /// for (their type fingerprints differ); it was consumed and the
+    /// connection stays usable.
+    #[error(
+        "received a message that was not sent as `{expected}`; send and receive the same type on both sides"
+    )]
+    TypeMismatch {
+        /// The type the receive asked for.
+        expected: &'static str,
+    },
+
+    /// A `try_send` found the connection full: the peer is not reading.
+    /// Nothing was sent.
+    #[error("the connection to the peer is full; the peer is not reading (nothing was sent)")]
+    Full,
+
+    /// This side closed its sending half with `close`; nothing more can be
+    /// sent.
+    #[error("the sending half was closed")]
+    Closed,
+
+    /// A pool slot went to a peer when 64 other peers already held slots
+    /// of the same pool.
+    #[error(
+        "at most {max} peers may hold slots of one pool at once; use another pool for more workers"
+    )]
+    PoolSeats {
+        /// The most peers one pool serves at once.
+        max: u32,
+    },
+
+    /// A worker set with no workers was asked to receive or broadcast.
+    #[error("the worker set is empty")]
+    NoWorkers,
+
+    /// Exec mode cannot start a worker from this program as it is.
+    #[error("cannot start an exec-mode worker: {0}")]
+    Exec(String),
 
     /// The operation did not complete within its timeout.
     #[error("timed out after {timeout_ms} ms")]
@@ -98,8 +144,8 @@ pub enum Error {
     },
 
     /// A message arrived with attachments on a receive that takes none;
-    /// they were released. Receive it with `recv_with`.
-    #[error("the message carried {count} attachments; receive it with recv_with")]
+    /// they were released. Receive it with `recv_attached`.
+    #[error("the message carried {count} attachments; receive it with recv_attached")]
     UnexpectedAttachments {
         /// How many there were.
         count: usize,
@@ -108,6 +154,45 @@ pub enum Error {
     /// `Worker::exec` named an entry point that `dispatch` did not register.
     #[error("no entry point named {0:?}; register it in the list given to miniray::dispatch")]
     UnknownEntry(String),
+}
+
+/// A send with attachments that failed: the error, and every attachment
+/// that did not leave, handed back to the caller (nothing is lost).
+///
+/// Converts into [`Error`], so `?` works in functions returning
+/// [`Result`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use miniray::{SharedBuf, Worker};
+///
+/// let mut w = Worker::spawn(|h| h.recv::<()>())?; // never reads attachments
+/// w.send(&())?;
+/// w.wait_timeout(Duration::from_secs(10))?;
+/// let buf = SharedBuf::from_slice(&[7u8; 16])?;
+/// let err = w.send_attached(&(), vec![buf.into()]).unwrap_err();
+/// assert!(matches!(err.error, miniray::Error::WorkerDied { .. }));
+/// assert_eq!(err.attachments.len(), 1); // the buffer came back
+/// # Ok::<(), miniray::Error>(())
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct SendError {
+    /// Why the send failed.
+    #[source]
+    pub error: Error,
+    /// The attachments that were not sent, in their order; empty if the
+    /// frame had started to leave (its descriptors went with its first
+    /// byte).
+    pub attachments: Vec<crate::Attachment>,
+}
+
+impl From<SendError> for Error {
+    fn from(err: SendError) -> Error {
+        err.error
+    }
 }
 
 /// `Result` with [`Error`].
@@ -123,6 +208,12 @@ impl Error {
             };
         }
         Error::Buffer(err)
+    }
+
+    pub(crate) fn fd_limit() -> Error {
+        Error::FdLimit {
+            limit: crate::sys::fd_limit(),
+        }
     }
 
     pub(crate) fn timeout(timeout: std::time::Duration) -> Error {

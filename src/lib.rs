@@ -64,13 +64,13 @@
 //! use miniray::{Tensor, Worker};
 //!
 //! let mut w = Worker::spawn(|h| {
-//!     let ((), mut inputs) = h.recv_with::<()>()?;
+//!     let ((), mut inputs) = h.recv_attached::<()>()?;
 //!     let x = inputs.remove(0).into_tensor()?;
 //!     let sum: f32 = x.as_slice::<f32>()?.iter().sum();
 //!     h.send(&(x.shape().to_vec(), sum))
 //! })?;
 //! let batch = Tensor::from_slice(&[1.0f32; 6], &[2, 3])?;
-//! w.send_with(&(), vec![batch.into()])?; // the batch moves; the worker maps its pages
+//! w.send_attached(&(), vec![batch.into()])?; // the batch moves; the worker maps its pages
 //! let (shape, sum): (Vec<usize>, f32) = w.recv()?;
 //! assert_eq!((shape, sum), (vec![2, 3], 6.0));
 //! w.wait()?;
@@ -91,28 +91,41 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod buffer;
+mod codec;
 mod entry;
 mod error;
 mod handle;
-mod link;
+mod incoming;
+mod outgoing;
+mod peer;
 mod pool;
-mod reader;
+mod receiver;
+mod sender;
+mod set;
+mod shm;
+mod spawn;
 mod status;
 mod sys;
 mod tensor;
-mod wire;
+mod transport;
+mod verbs;
+mod wait;
 mod worker;
 
 pub use buffer::{BufView, SharedBuf};
+pub use codec::{Limits, Message, fingerprint};
 pub use entry::{EntryFn, dispatch};
-pub use error::{Error, Result};
+pub use error::{Error, Result, SendError};
 pub use handle::Handle;
-pub use link::Message;
-pub use pool::{BufferPool, MAX_POOL_SLOTS};
-pub use tensor::{Attachment, DType, Element, Received, Tensor, TensorView};
-pub use wire::Limits;
+pub use pool::BufferPool;
+pub use receiver::Receiver;
+pub use sender::Sender;
+pub use set::Workers;
+pub use shm::{MAX_POOL_SEATS, MAX_POOL_SLOTS};
+pub use spawn::Builder;
 pub use status::ExitStatus;
-pub use worker::{Builder, Worker, recv_any, recv_any_with};
+pub use tensor::{Attachment, DType, Element, Received, Tensor, TensorView};
+pub use worker::Worker;
 
 /// The rkyv version messages are archived with; derive against it.
 pub use rkyv;

@@ -1,27 +1,64 @@
-//! Every raw system call MiniRay makes, behind safe wrappers.
+//! Every system call MiniRay makes, behind safe wrappers.
 //!
 //! Contract of this module:
-//! - It is the only place in the crate that names `libc`.
+//! - It is the only place in the crate that names `rustix` or `libc`.
+//! - Calls go through `rustix` wherever its wrapper fits; it takes
+//!   `BorrowedFd`s, returns `OwnedFd`s and checks `errno` itself: the socket
+//!   pair, `sendmsg`/`recvmsg` with `SCM_RIGHTS` (control messages built in a
+//!   buffer on this module's stack, so the hot path allocates nothing),
+//!   `fstat`, `fcntl` on a borrowed descriptor, `memfd_create`, `ftruncate`,
+//!   seals, `fallocate`, `mmap`/`munmap`, the futex, `waitpid`, `kill`,
+//!   `pidfd_open`, `pidfd_send_signal`, `prctl(PR_SET_PDEATHSIG)`,
+//!   `getppid`, `getrlimit` and the page size.
+//! - A few calls stay on raw `libc`, each for a reason given where it is
+//!   made: `poll` ([`PollFd`] carries no lifetime and has a `-1`
+//!   placeholder, which rustix's borrowing `PollFd` cannot express),
+//!   `fcntl(F_SETFD)` on a bare descriptor number in [`clear_cloexec`],
+//!   `close_range` (no wrapper), and `fork`, `pthread_atfork` and `_exit`,
+//!   which rustix leaves to libc (its only fork is a bare syscall for
+//!   runtimes that replace libc, and skips the `atfork` handlers that
+//!   [`fork_generation`] and libc itself rely on).
 //! - A file descriptor becomes an [`OwnedFd`] the moment a call returns it,
 //!   before anything else can fail, so that every early return closes it.
 //! - Every descriptor it creates is close-on-exec (`SOCK_CLOEXEC`,
-//!   `MFD_CLOEXEC`, `MSG_CMSG_CLOEXEC`); [`clear_cloexec`] is the one way to
-//!   hand a descriptor to an exec'd child on purpose.
-//! - Errors are `io::Error`s carrying `errno`; callers wrap them into the
-//!   crate's [`Error`](crate::Error) with the operation that failed.
+//!   `MFD_CLOEXEC`, `MSG_CMSG_CLOEXEC`, pidfds always); [`clear_cloexec`] is
+//!   the one way to hand a descriptor to an exec'd child on purpose.
+//! - Errors are `io::Error`s carrying `errno` (rustix's `Errno` converts
+//!   without allocating); callers wrap them into the crate's
+//!   [`Error`](crate::Error) with the operation that failed.
 //! - Functions here do one syscall each (plus `EINTR` retries) and hold no
 //!   policy: limits, timeouts and protocol checks live with their callers.
 
 use std::ffi::CStr;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::{self, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+use rustix::fs::{FallocateFlags, FileType, MemfdFlags, SealFlags};
+use rustix::io::{Errno, FdFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::process::{Pid, PidfdFlags, Resource, Signal, WaitOptions};
+use rustix::thread::futex;
+
 /// Most descriptors one `sendmsg` may carry: the kernel's `SCM_MAX_FD`.
 pub const MAX_FDS_PER_MSG: usize = 253;
+
+/// Runs `f`, again while it fails with `EINTR`.
+fn retry<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -29,32 +66,6 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     } else {
         Ok(ret)
     }
-}
-
-fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
-}
-
-/// Retries `f` while it fails with `EINTR`.
-fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    loop {
-        match f() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Wraps a descriptor a syscall just returned.
-fn owned(fd: libc::c_int) -> OwnedFd {
-    debug_assert!(fd >= 0);
-    // SAFETY: `fd` was just returned by a successful syscall that creates a
-    // descriptor, so it is open and nobody else owns it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// Takes ownership of a descriptor number inherited from a parent process.
@@ -72,37 +83,51 @@ pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
 
 /// A connected pair of Unix stream sockets, both close-on-exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    cvt(unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) })?;
-    Ok((owned(fds[0]), owned(fds[1])))
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Whether `fd` refers to a socket.
 pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(fstat(fd)?.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+    let st = rustix::fs::fstat(fd)?;
+    Ok(FileType::from_raw_mode(st.st_mode) == FileType::Socket)
 }
 
-fn cmsg_space(fds: usize) -> usize {
-    let bytes = (fds * mem::size_of::<RawFd>()) as u32;
-    // SAFETY: CMSG_SPACE is pure arithmetic.
-    unsafe { libc::CMSG_SPACE(bytes) as usize }
+/// `CMSG_SPACE` for one `SCM_RIGHTS` message of `fds` descriptors: the
+/// header, then the payload padded to the kernel's `CMSG_ALIGN` (a `long`).
+const fn cmsg_space(fds: usize) -> usize {
+    let align = mem::size_of::<libc::c_long>();
+    mem::size_of::<libc::cmsghdr>().next_multiple_of(align)
+        + (fds * mem::size_of::<RawFd>()).next_multiple_of(align)
 }
 
-/// Room for one `SCM_RIGHTS` message of [`MAX_FDS_PER_MSG`] descriptors
-/// (16-byte header + 253 x 4 bytes, rounded up), in `u64`s so it is aligned
-/// for `cmsghdr`. On the stack: no allocation per send or receive.
-const CONTROL_WORDS: usize = 130;
-type ControlBuf = [u64; CONTROL_WORDS];
+/// Room for one `SCM_RIGHTS` message of [`MAX_FDS_PER_MSG`] descriptors. On
+/// the stack: no allocation per send or receive. Aligned for `cmsghdr`, so
+/// rustix skips no leading bytes to align it, and a receive offers the
+/// kernel exactly the [`cmsg_space`] it asks for.
+#[repr(C, align(8))]
+struct ControlBuf([MaybeUninit<u8>; cmsg_space(MAX_FDS_PER_MSG)]);
 
-fn control_len(fds: usize) -> usize {
-    let len = cmsg_space(fds);
-    assert!(
-        len <= mem::size_of::<ControlBuf>(),
-        "control buffer too small for {fds} fds"
-    );
-    len
+const _: () = assert!(mem::align_of::<ControlBuf>() >= mem::align_of::<libc::cmsghdr>());
+
+impl ControlBuf {
+    fn new() -> Self {
+        ControlBuf([MaybeUninit::uninit(); cmsg_space(MAX_FDS_PER_MSG)])
+    }
+
+    /// The first [`cmsg_space`]`(fds)` bytes.
+    fn for_fds(&mut self, fds: usize) -> &mut [MaybeUninit<u8>] {
+        let len = cmsg_space(fds);
+        assert!(
+            len <= self.0.len(),
+            "control buffer too small for {fds} fds"
+        );
+        &mut self.0[..len]
+    }
 }
 
 /// Sends `bufs` in one `sendmsg`, with `fds` attached as `SCM_RIGHTS`.
@@ -121,32 +146,15 @@ pub fn send_msg(
         fds.len() <= MAX_FDS_PER_MSG,
         "at most {MAX_FDS_PER_MSG} fds per message"
     );
-    let mut control: ControlBuf = [0; CONTROL_WORDS];
-    // SAFETY: zeroed msghdr is a valid "empty" value.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec.
-    msg.msg_iovlen = bufs.len();
+    let mut space = ControlBuf::new();
+    let mut control = SendAncillaryBuffer::default();
     if !fds.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control_len(fds.len());
-        // SAFETY: msg_control points to a buffer of msg_controllen bytes,
-        // aligned for cmsghdr, large enough for one header and `fds`.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            debug_assert!(!cmsg.is_null());
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len =
-                libc::CMSG_LEN((fds.len() * mem::size_of::<RawFd>()) as u32) as usize;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(fd.as_raw_fd());
-            }
-        }
+        control = SendAncillaryBuffer::new(space.for_fds(fds.len()));
+        let pushed = control.push(SendAncillaryMessage::ScmRights(fds));
+        assert!(pushed, "control buffer sized for {} fds", fds.len());
     }
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-    // SAFETY: msg describes live buffers for the duration of the call.
-    retry(|| cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) }))
+    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+    retry(|| rustix::net::sendmsg(sock, bufs, &mut control, flags))
 }
 
 /// What one [`recv_msg`] returned.
@@ -170,53 +178,31 @@ pub fn recv_msg(
     max_fds: usize,
     nonblocking: bool,
 ) -> io::Result<Received> {
-    let mut control: ControlBuf = [0; CONTROL_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: zeroed msghdr is a valid "empty" value.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control_len(max_fds);
-    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    let mut space = ControlBuf::new();
+    let mut control = RecvAncillaryBuffer::new(space.for_fds(max_fds));
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut flags = RecvFlags::CMSG_CLOEXEC;
     if nonblocking {
-        flags |= libc::MSG_DONTWAIT;
+        flags |= RecvFlags::DONTWAIT;
     }
-    // SAFETY: iov and control point to live buffers of the stated sizes.
-    let len = retry(|| cvt_size(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) }))?;
-    collect_fds(&msg, fds);
+    let msg = retry(|| rustix::net::recvmsg(sock, &mut iov, &mut control, flags))?;
+    // Descriptors leave the buffer as OwnedFds; the buffer's drop would
+    // close any left in it, so none can leak whatever happens next.
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
     Ok(Received {
-        len,
-        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        len: msg.bytes,
+        truncated: msg.flags.contains(ReturnFlags::CTRUNC),
     })
 }
 
-/// Takes ownership of every descriptor in `msg`'s `SCM_RIGHTS` messages.
-fn collect_fds(msg: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
-    // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk only the
-    // msg_controllen bytes the kernel wrote, and each SCM_RIGHTS payload is
-    // an array of descriptors now installed in this process.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let header = data.cast::<u8>().offset_from(cmsg.cast::<u8>()) as usize;
-                let count = ((*cmsg).cmsg_len as usize - header) / mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(owned(data.add(i).read_unaligned()));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
-// Polling
+// Polling (raw: rustix's PollFd borrows a live descriptor for a lifetime,
+// which this PollFd's signature does not carry, and cannot be the `-1` that
+// makes `poll` skip an entry)
 // ---------------------------------------------------------------------------
 
 /// One entry of a [`poll`] set, watching for input.
@@ -277,27 +263,21 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
 // Descriptors
 // ---------------------------------------------------------------------------
 
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `st` is valid for the kernel to write a stat into.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so `st` is initialised.
-    Ok(unsafe { st.assume_init() })
-}
-
 /// The size of the file behind `fd`, in bytes.
 pub fn file_len(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(fstat(fd)?.st_size as u64)
+    Ok(rustix::fs::fstat(fd)?.st_size as u64)
 }
 
 /// Sets close-on-exec on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_SETFD on a live descriptor.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) }).map(drop)
+    Ok(rustix::io::fcntl_setfd(fd, FdFlags::CLOEXEC)?)
 }
 
 /// Clears close-on-exec on `fd` so an exec'd child inherits it.
 /// Async-signal-safe: callable between `fork` and `exec`.
+///
+/// Raw, because `fd` is a bare number that may not be open: rustix needs a
+/// `BorrowedFd`, whose existence asserts the descriptor is open.
 pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD takes any descriptor number; a closed one is EBADF.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
@@ -308,6 +288,8 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
 /// child gets only what [`clear_cloexec`] then hands it. Needs Linux 5.11
 /// (`CLOSE_RANGE_CLOEXEC`); older kernels refuse it with `EINVAL` or
 /// `ENOSYS`. Async-signal-safe: callable between `fork` and `exec`.
+///
+/// Raw, because no wrapper for `close_range` exists.
 pub fn cloexec_above_stdio() -> io::Result<()> {
     let first = (libc::STDERR_FILENO + 1) as libc::c_uint;
     // SAFETY: with CLOSE_RANGE_CLOEXEC, close_range only sets a flag on
@@ -323,17 +305,16 @@ pub fn cloexec_above_stdio() -> io::Result<()> {
     cvt(ret as libc::c_int).map(drop)
 }
 
-/// The soft limit on open descriptors (`ulimit -n`).
+/// The soft limit on open descriptors (`ulimit -n`); `u64::MAX` when
+/// unlimited.
+///
+/// Never a stand-in value: `getrlimit(RLIMIT_NOFILE)` on this process fails
+/// only for a bad pointer or resource, neither possible here, so rustix
+/// returns the limit without an error path. A 0 is a real `ulimit -n 0`.
 pub fn fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is valid for the kernel to fill.
-    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
-        0 => lim.rlim_cur,
-        _ => 0,
-    }
+    rustix::process::getrlimit(Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
 }
 
 /// Whether `err` says this process ran out of descriptors.
@@ -351,49 +332,44 @@ pub fn is_peer_gone(err: &io::Error) -> bool {
 // ---------------------------------------------------------------------------
 
 /// Seals that fix a memfd's size.
-pub const SEAL_SIZE: u32 = (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32;
+pub const SEAL_SIZE: u32 = SealFlags::SHRINK.union(SealFlags::GROW).bits();
 /// Seal that forbids `write` and any new writable mapping (Linux 5.1).
 /// Not `F_SEAL_WRITE`: that one fails with `EBUSY` while any process still
 /// maps the file writable, and a worker forked after a buffer was created
 /// inherits the creator's writable mapping.
-pub const SEAL_WRITE: u32 = libc::F_SEAL_FUTURE_WRITE as u32;
+pub const SEAL_WRITE: u32 = SealFlags::FUTURE_WRITE.bits();
 /// Seal that forbids adding more seals.
-pub const SEAL_SEAL: u32 = libc::F_SEAL_SEAL as u32;
+pub const SEAL_SEAL: u32 = SealFlags::SEAL.bits();
 
 /// A new anonymous memory file of `len_bytes`, close-on-exec, sealable.
 pub fn memfd_create(name: &CStr, len_bytes: u64) -> io::Result<OwnedFd> {
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: `name` is a valid C string.
-    let fd = owned(cvt(unsafe { libc::memfd_create(name.as_ptr(), flags) })?);
-    // SAFETY: ftruncate on a descriptor we own.
-    retry(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len_bytes as libc::off_t) }))?;
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create(name, flags)?;
+    retry(|| rustix::fs::ftruncate(&fd, len_bytes))?;
     Ok(fd)
 }
 
 /// Allocates the pages of `fd` up front so later first touches are cheap.
 pub fn fallocate(fd: BorrowedFd<'_>, len_bytes: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a live descriptor.
-    retry(|| cvt(unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len_bytes as libc::off_t) }))
-        .map(drop)
+    retry(|| rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, len_bytes))
 }
 
 /// Adds `seals` to a memfd.
 pub fn add_seals(fd: BorrowedFd<'_>, seals: u32) -> io::Result<()> {
-    // SAFETY: F_ADD_SEALS on a live descriptor.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) }).map(drop)
+    Ok(rustix::fs::fcntl_add_seals(
+        fd,
+        SealFlags::from_bits_retain(seals),
+    )?)
 }
 
 /// The seals on `fd`; `EINVAL` if it is not a sealable memory file.
 pub fn seals(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    // SAFETY: F_GET_SEALS on a live descriptor.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) }).map(|s| s as u32)
+    Ok(rustix::fs::fcntl_get_seals(fd)?.bits())
 }
 
 /// The size of a memory page.
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as usize } else { 4096 }
+    rustix::param::page_size()
 }
 
 /// A shared mapping of a file, unmapped on drop.
@@ -426,30 +402,17 @@ impl Mapping {
         opts: MapOptions,
     ) -> io::Result<Mapping> {
         assert!(len > 0, "cannot map zero bytes");
-        let prot = if opts.writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        let mut flags = libc::MAP_SHARED;
+        let mut prot = ProtFlags::READ;
+        if opts.writable {
+            prot |= ProtFlags::WRITE;
+        }
+        let mut flags = MapFlags::SHARED;
         if opts.populate {
-            flags |= libc::MAP_POPULATE;
+            flags |= MapFlags::POPULATE;
         }
         // SAFETY: a fresh mapping at an address the kernel picks; aliases
         // nothing Rust owns.
-        let ptr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                prot,
-                flags,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr = unsafe { rustix::mm::mmap(ptr::null_mut(), len, prot, flags, fd, offset) }?;
         let ptr = NonNull::new(ptr.cast()).expect("mmap returned null without MAP_FIXED");
         Ok(Mapping { ptr, len })
     }
@@ -467,8 +430,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: ptr/len came from a successful mmap and are unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // SAFETY: ptr/len came from a successful mmap and are unmapped once;
+        // no reference into the mapping outlives its owner.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -479,35 +443,22 @@ impl Drop for Mapping {
 /// Sleeps while `*word == expected`, up to `timeout`. Spurious wake-ups and
 /// `EAGAIN` (the word already changed) both return `Ok`; the caller re-checks.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    let ts = futex::Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: timeout.subsec_nanos().into(),
     };
-    // SAFETY: `word` is a live, aligned u32; FUTEX_WAIT (not PRIVATE) so a
-    // waker in another process sharing the mapping reaches us.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        )
-    };
-    if ret < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT) => Ok(()),
-            _ => Err(err),
-        };
+    // Not PRIVATE, so a waker in another process sharing the mapping
+    // reaches us.
+    match futex::wait(word, futex::Flags::empty(), expected, Some(&ts)) {
+        Ok(()) | Err(Errno::AGAIN | Errno::INTR | Errno::TIMEDOUT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Wakes every waiter sleeping on `word`, in any process.
 pub fn futex_wake_all(word: &AtomicU32) {
-    // SAFETY: `word` is a live, aligned u32.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    // Waking cannot fail on a valid, aligned word, which `&AtomicU32` is.
+    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
 }
 
 // ---------------------------------------------------------------------------
@@ -523,6 +474,9 @@ pub enum Fork {
 }
 
 /// Forks the calling process.
+///
+/// Raw `fork(3)`, not a bare syscall: libc's fork runs the `atfork`
+/// handlers, which [`fork_generation`] and libc's own locks depend on.
 ///
 /// # Safety
 /// If other threads exist, the child may only make async-signal-safe calls
@@ -566,42 +520,42 @@ pub fn getpid() -> u32 {
     std::process::id()
 }
 
+/// `pid` as rustix takes it. `EINVAL` for 0 or a number past `pid_t`: no
+/// process has one, and `kill` or `waitpid` would read it as a process
+/// group, never as the single child every caller means.
+fn to_pid(pid: u32) -> io::Result<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from(Errno::INVAL))
+}
+
 /// Asks the kernel to SIGKILL this process when the thread that forked it
 /// exits, then checks the parent did not already die in between (in which
-/// case the signal would never come). Async-signal-safe.
+/// case the signal would never come). Async-signal-safe: two bare syscalls,
+/// and an error built from `errno` allocates nothing.
 pub fn die_with_parent(expected_parent: u32) -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
-    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) })?;
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } as u32 != expected_parent {
-        // No allocation here: this runs between fork and exec.
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    // A parent outside our pid namespace reads as 0, which never matches.
+    if Pid::as_raw(rustix::process::getppid()) as u32 != expected_parent {
+        return Err(io::Error::from(Errno::SRCH));
     }
     Ok(())
 }
 
 /// A descriptor that refers to process `pid` and becomes readable when it
 /// exits. Safe against pid reuse once opened (the child is not yet reaped).
+/// Always close-on-exec.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open has no memory-safety preconditions.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // pidfds are always close-on-exec.
-    Ok(owned(cvt(ret as libc::c_int)?))
+    Ok(rustix::process::pidfd_open(
+        to_pid(pid)?,
+        PidfdFlags::empty(),
+    )?)
 }
 
 /// Sends SIGKILL through a pidfd; `ESRCH` if the process already exited.
 pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal with a null siginfo.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            ptr::null::<u8>(),
-            0,
-        )
-    };
-    cvt(ret as libc::c_int).map(drop)
+    Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)
 }
 
 /// `errno` for "no such process".
@@ -610,8 +564,9 @@ pub const ESRCH: i32 = libc::ESRCH;
 /// Sends SIGKILL by pid; only for a child not yet reaped (so the pid
 /// cannot have been reused). Errors are ignored: this is cleanup.
 pub fn kill_pid(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    if let Ok(pid) = to_pid(pid) {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
 }
 
 /// How a reaped child ended, as the kernel reports it.
@@ -625,17 +580,19 @@ pub enum Ended {
 
 /// Reaps child `pid`. With `block == false`, returns `None` if it still runs.
 pub fn waitpid(pid: u32, block: bool) -> io::Result<Option<Ended>> {
-    let mut status: libc::c_int = 0;
-    let flags = if block { 0 } else { libc::WNOHANG };
-    // SAFETY: `status` is valid for the kernel to write.
-    let ret = retry(|| cvt(unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) }))?;
-    if ret == 0 {
-        return Ok(None);
-    }
-    Ok(Some(if libc::WIFSIGNALED(status) {
-        Ended::Signaled(libc::WTERMSIG(status))
+    let pid = to_pid(pid)?;
+    let opts = if block {
+        WaitOptions::empty()
     } else {
-        Ended::Exited(libc::WEXITSTATUS(status))
+        WaitOptions::NOHANG
+    };
+    let Some((_, status)) = retry(|| rustix::process::waitpid(Some(pid), opts))? else {
+        return Ok(None);
+    };
+    // Without WUNTRACED or WCONTINUED the kernel reports only these two ends.
+    Ok(Some(match status.terminating_signal() {
+        Some(sig) => Ended::Signaled(sig),
+        None => Ended::Exited(status.exit_status().unwrap_or_default()),
     }))
 }
 
@@ -654,5 +611,82 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGTERM => "SIGTERM",
         _ => "signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn cmsg_space_matches_libc() {
+        for fds in 0..=MAX_FDS_PER_MSG {
+            let bytes = (fds * mem::size_of::<RawFd>()) as u32;
+            // SAFETY: CMSG_SPACE is pure arithmetic.
+            let expected = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+            assert_eq!(cmsg_space(fds), expected, "{fds} fds");
+        }
+    }
+
+    #[test]
+    fn fds_round_trip_and_truncate() {
+        let (a, b) = socketpair().unwrap();
+        let (x, y) = socketpair().unwrap();
+        let sent = [x.as_fd(), y.as_fd(), a.as_fd()];
+        let n = send_msg(a.as_fd(), &[IoSlice::new(b"hi")], &sent).unwrap();
+        assert_eq!(n, 2);
+        let mut buf = [0u8; 8];
+        let mut fds = Vec::new();
+        let r = recv_msg(b.as_fd(), &mut buf, &mut fds, 3, true).unwrap();
+        assert_eq!((r.len, r.truncated, fds.len()), (2, false, 3));
+        for fd in &fds {
+            let flags = rustix::io::fcntl_getfd(fd).unwrap();
+            assert!(flags.contains(FdFlags::CLOEXEC));
+            assert!(is_socket(fd.as_fd()).unwrap());
+        }
+
+        // Room for one descriptor is rounded up to two; the third is cut.
+        send_msg(a.as_fd(), &[IoSlice::new(b"yo")], &sent).unwrap();
+        fds.clear();
+        let r = recv_msg(b.as_fd(), &mut buf, &mut fds, 1, true).unwrap();
+        assert_eq!((r.len, r.truncated, fds.len()), (2, true, 2));
+
+        // No descriptors, and an empty non-blocking socket.
+        send_msg(a.as_fd(), &[IoSlice::new(b"!")], &[]).unwrap();
+        fds.clear();
+        let r = recv_msg(b.as_fd(), &mut buf, &mut fds, 0, true).unwrap();
+        assert_eq!((r.len, r.truncated, fds.len()), (1, false, 0));
+        let err = recv_msg(b.as_fd(), &mut buf, &mut fds, 0, true)
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+
+        drop(b);
+        let err = send_msg(a.as_fd(), &[IoSlice::new(b"x")], &[]).unwrap_err();
+        assert!(is_peer_gone(&err), "{err}");
+    }
+
+    #[test]
+    fn memfd_seals_and_limits() {
+        let fd = memfd_create(c"sys-test", 4096).unwrap();
+        assert_eq!(file_len(fd.as_fd()).unwrap(), 4096);
+        fallocate(fd.as_fd(), 4096).unwrap();
+        add_seals(fd.as_fd(), SEAL_SIZE | SEAL_WRITE).unwrap();
+        assert_eq!(seals(fd.as_fd()).unwrap(), SEAL_SIZE | SEAL_WRITE);
+        assert_eq!(
+            SEAL_SIZE | SEAL_WRITE | SEAL_SEAL,
+            (libc::F_SEAL_SHRINK
+                | libc::F_SEAL_GROW
+                | libc::F_SEAL_FUTURE_WRITE
+                | libc::F_SEAL_SEAL) as u32
+        );
+        assert!(fd_limit() > 0);
+        assert!(page_size().is_power_of_two());
+        assert_eq!(
+            pidfd_open(0).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
+        );
     }
 }

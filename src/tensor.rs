@@ -5,7 +5,7 @@ use std::fmt;
 use bytemuck::Pod;
 
 use crate::buffer::{BufView, SharedBuf};
-use crate::wire::MAX_DIMS;
+use crate::codec::MAX_DIMS;
 use crate::{Error, Result};
 
 /// Element type of a tensor. Half-precision types are carried as raw `u16`.
@@ -64,19 +64,29 @@ impl DType {
         }
     }
 
-    /// The code on the wire (see `docs/PROTOCOL.md`); 0 means "not a tensor".
+    /// The code on the wire (see `docs/PROTOCOL.md`); 0 means "not a
+    /// tensor". Explicit numbers: reordering the enum changes nothing.
     pub(crate) fn code(self) -> u32 {
-        Self::ALL
-            .iter()
-            .position(|&d| d == self)
-            .expect("every dtype is listed") as u32
-            + 1
+        match self {
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            DType::F32 => 3,
+            DType::F64 => 4,
+            DType::U8 => 5,
+            DType::I8 => 6,
+            DType::U16 => 7,
+            DType::I16 => 8,
+            DType::U32 => 9,
+            DType::I32 => 10,
+            DType::U64 => 11,
+            DType::I64 => 12,
+        }
     }
 
     pub(crate) fn from_code(code: u32) -> Result<DType> {
-        let index = (code as usize).checked_sub(1);
-        index
-            .and_then(|i| Self::ALL.get(i).copied())
+        Self::ALL
+            .into_iter()
+            .find(|d| d.code() == code)
             .ok_or_else(|| Error::Protocol(format!("unknown dtype code {code}")))
     }
 }
@@ -136,7 +146,7 @@ fn check_reads<T: Element>(dtype: DType) -> Result<()> {
 ///
 /// `Tensor` (over a [`SharedBuf`]) is the writer's: owned, writable, its
 /// data page-aligned. Send it with
-/// [`Worker::send_with`](crate::Worker::send_with); the receiver gets a
+/// [`Worker::send_attached`](crate::Worker::send_attached); the receiver gets a
 /// [`TensorView`] (over a read-only [`BufView`]) of the same pages.
 ///
 /// # Examples
@@ -307,12 +317,33 @@ impl<B> fmt::Debug for Tensor<B> {
 }
 
 /// Something to attach to a message: moved into the send.
+///
+/// The writer's own buffers and tensors, and views received from another
+/// process, which travel on without a copy (forwarding; see
+/// `docs/ZERO_COPY.md` for who then owns what).
+///
+/// # Examples
+///
+/// ```
+/// use miniray::{Attachment, SharedBuf, Tensor};
+///
+/// let parts: Vec<Attachment> = vec![
+///     SharedBuf::from_slice(&[1u8, 2, 3])?.into(),
+///     Tensor::from_slice(&[1.0f32, 2.0], &[2])?.into(),
+/// ];
+/// assert_eq!(parts.len(), 2);
+/// # Ok::<(), miniray::Error>(())
+/// ```
 #[derive(Debug)]
 pub enum Attachment {
     /// Plain bytes.
     Buf(SharedBuf),
     /// A tensor; its dtype and shape travel with it.
     Tensor(Tensor),
+    /// Received bytes, forwarded.
+    View(BufView),
+    /// A received tensor, forwarded.
+    TensorView(TensorView),
 }
 
 impl From<SharedBuf> for Attachment {
@@ -324,6 +355,62 @@ impl From<SharedBuf> for Attachment {
 impl From<Tensor> for Attachment {
     fn from(t: Tensor) -> Self {
         Attachment::Tensor(t)
+    }
+}
+
+impl From<BufView> for Attachment {
+    fn from(view: BufView) -> Self {
+        Attachment::View(view)
+    }
+}
+
+impl From<TensorView> for Attachment {
+    fn from(t: TensorView) -> Self {
+        Attachment::TensorView(t)
+    }
+}
+
+impl From<Received> for Attachment {
+    fn from(r: Received) -> Self {
+        match r {
+            Received::Buf(view) => Attachment::View(view),
+            Received::Tensor(t) => Attachment::TensorView(t),
+        }
+    }
+}
+
+impl Attachment {
+    /// The tensor's dtype code and shape, or 0 and none for plain bytes.
+    pub(crate) fn meta(&self) -> (u32, &[usize]) {
+        match self {
+            Attachment::Buf(_) | Attachment::View(_) => (0, &[]),
+            Attachment::Tensor(t) => (t.dtype.code(), &t.shape),
+            Attachment::TensorView(t) => (t.dtype.code(), &t.shape),
+        }
+    }
+
+    /// Puts a buffer back into the shape it was attached in.
+    pub(crate) fn rebuild_own(meta: (u32, Vec<usize>), buf: SharedBuf) -> Attachment {
+        match DType::from_code(meta.0) {
+            Ok(dtype) => Attachment::Tensor(Tensor {
+                dtype,
+                shape: meta.1,
+                buf,
+            }),
+            Err(_) => Attachment::Buf(buf),
+        }
+    }
+
+    /// As [`Attachment::rebuild_own`], for a forwarded view.
+    pub(crate) fn rebuild_view(meta: (u32, Vec<usize>), buf: BufView) -> Attachment {
+        match DType::from_code(meta.0) {
+            Ok(dtype) => Attachment::TensorView(Tensor {
+                dtype,
+                shape: meta.1,
+                buf,
+            }),
+            Err(_) => Attachment::View(buf),
+        }
     }
 }
 
@@ -373,8 +460,13 @@ mod tests {
 
     #[test]
     fn dtype_codes_round_trip() {
-        for d in DType::ALL {
+        for (i, d) in DType::ALL.into_iter().enumerate() {
             assert_eq!(DType::from_code(d.code()).unwrap(), d);
+            assert_eq!(
+                d.code(),
+                i as u32 + 1,
+                "codes are those of docs/PROTOCOL.md"
+            );
         }
         assert!(DType::from_code(0).is_err());
         assert!(DType::from_code(13).is_err());

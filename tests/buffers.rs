@@ -90,7 +90,7 @@ impl Seen {
 /// A worker that answers every message with what its attachments held.
 fn describing_worker() -> miniray::Result<Worker> {
     Worker::spawn(|h| {
-        let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let seen: Vec<Seen> = got.into_iter().map(Seen::of).collect();
         h.send(&seen)
     })
@@ -166,7 +166,7 @@ fn tensor_of_256_mib_goes_there_and_back_intact() -> miniray::Result<()> {
         Duration::from_secs(120),
     );
     let mut w = Worker::spawn(|h| {
-        let ((), mut got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), mut got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let x = got.remove(0).into_tensor()?;
         let xs = x.as_slice::<f32>()?;
         let wrong = wrong_chunks(xs, &period_of(|i| i));
@@ -176,16 +176,17 @@ fn tensor_of_256_mib_goes_there_and_back_intact() -> miniray::Result<()> {
         }
         let meta = (format!("{:?}", x.dtype()), x.shape().to_vec(), wrong);
         drop(x); // the input's pages go as soon as neither side maps them
-        h.send_with(&meta, vec![y.into()])
+        h.send_attached(&meta, vec![y.into()])?;
+        Ok(())
     })?;
 
     let mut x = Tensor::zeros(DType::F32, &BIG_SHAPE)?;
     assert_eq!(x.numel() * 4, 256 << 20);
     fill_periodic(x.as_mut_slice::<f32>()?, &period_of(|i| i));
-    w.send_with(&(), vec![x.into()])?;
+    w.send_attached(&(), vec![x.into()])?;
 
     let ((dtype, shape, wrong), mut got) =
-        w.recv_with_timeout::<(String, Vec<usize>, u64)>(util::STEP)?;
+        w.recv_attached_timeout::<(String, Vec<usize>, u64)>(util::STEP)?;
     assert_eq!(wrong, 0, "chunks of the tensor the worker saw wrong");
     assert_eq!((dtype.as_str(), shape.as_slice()), ("F32", &BIG_SHAPE[..]));
     assert_eq!(got.len(), 1);
@@ -220,7 +221,7 @@ fn several_tensors_arrive_in_order_with_dtype_and_shape() -> miniray::Result<()>
         bf16.into(),
         Tensor::zeros(DType::F32, &[0, 3])?.into(),
     ];
-    w.send_with(&(), attachments)?;
+    w.send_attached(&(), attachments)?;
 
     let seen: Vec<Seen> = w.recv_timeout(util::STEP)?;
     let expected = [
@@ -255,7 +256,7 @@ fn plain_buffers_and_an_empty_one_arrive_as_bytes() -> miniray::Result<()> {
         SharedBuf::from_slice(b"hello")?.into(),
         cut.into(),
     ];
-    w.send_with(&(), attachments)?;
+    w.send_attached(&(), attachments)?;
 
     let seen: Vec<Seen> = w.recv_timeout(util::STEP)?;
     let expected = [
@@ -279,7 +280,7 @@ fn a_buffer_made_before_a_worker_was_forked_can_be_sent_to_it() -> miniray::Resu
     // sealing it for the send must not depend on that mapping being gone.
     let buf = SharedBuf::from_slice(&[3u16; 2048])?;
     let mut w = describing_worker()?;
-    w.send_with(&(), vec![buf.into()])?;
+    w.send_attached(&(), vec![buf.into()])?;
     let seen: Vec<Seen> = w.recv_timeout(util::STEP)?;
     assert_eq!(seen, [Seen::plain(bytemuck::cast_slice(&[3u16; 2048]))]);
     assert!(w.wait_timeout(util::STEP)?.success());
@@ -295,9 +296,10 @@ fn into_tensor_on_a_plain_buffer_is_an_error() -> miniray::Result<()> {
     let mut w = Worker::spawn(|h| {
         let plain = SharedBuf::from_slice(&[1.0f32, 2.0])?;
         let tensor = Tensor::from_slice(&[1.0f32, 2.0], &[2])?;
-        h.send_with(&(), vec![plain.into(), tensor.into()])
+        h.send_attached(&(), vec![plain.into(), tensor.into()])?;
+        Ok(())
     })?;
-    let ((), mut got) = w.recv_with_timeout::<()>(util::STEP)?;
+    let ((), mut got) = w.recv_attached_timeout::<()>(util::STEP)?;
     assert_eq!(got.len(), 2);
     let tensor = got.pop().expect("two attachments").into_tensor()?;
     assert_eq!((tensor.dtype(), tensor.shape()), (DType::F32, &[2][..]));
@@ -344,7 +346,7 @@ fn unsealed_region_is_refused_and_the_link_still_works() -> miniray::Result<()> 
         util::send_raw(h.as_fd(), &frame, &[fd.as_raw_fd()]).map_err(Error::Send)?;
         h.send(&"still here".to_string())
     })?;
-    match w.recv_with_timeout::<()>(util::STEP) {
+    match w.recv_attached_timeout::<()>(util::STEP) {
         Err(Error::Unsealed { seals }) => {
             let size_seals = (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32;
             assert_eq!(seals & size_seals, 0, "reported seals {seals:#x}");
@@ -388,7 +390,7 @@ fn a_pipe_sent_as_a_region_is_a_protocol_error() -> miniray::Result<()> {
     })?;
     let pipe: String = w.recv_timeout(util::STEP)?;
     assert!(pipe.starts_with("pipe:["), "{pipe}");
-    match w.recv_with_timeout::<()>(util::STEP) {
+    match w.recv_attached_timeout::<()>(util::STEP) {
         Err(Error::Protocol(why)) => assert!(why.contains("memfd"), "{why}"),
         other => panic!("expected Error::Protocol, got {other:?}"),
     }
@@ -406,7 +408,7 @@ fn writing_through_a_received_view_kills_the_writer() -> miniray::Result<()> {
     );
     let mut w = Worker::spawn(|h| {
         no_core_dumps();
-        let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let view = got.into_iter().next().expect("one attachment").into_buf();
         h.send(&view.as_bytes()[0])?; // reading is fine
         let ptr = view.as_bytes().as_ptr() as *mut u8;
@@ -415,10 +417,10 @@ fn writing_through_a_received_view_kills_the_writer() -> miniray::Result<()> {
         unsafe { ptr.write_volatile(0) };
         h.send(&0xffu8) // reached only if the page was writable
     })?;
-    w.send_with(&(), vec![SharedBuf::from_slice(&[42u8; 4096])?.into()])?;
+    w.send_attached(&(), vec![SharedBuf::from_slice(&[42u8; 4096])?.into()])?;
     assert_eq!(w.recv_timeout::<u8>(util::STEP)?, 42);
     match w.recv_timeout::<u8>(util::STEP) {
-        Err(Error::WorkerDied { pid, status }) => {
+        Err(Error::WorkerDied { pid, status, .. }) => {
             assert_eq!(pid, w.pid());
             assert_eq!(status, ExitStatus::Signaled(libc::SIGSEGV));
         }
@@ -472,7 +474,7 @@ fn a_sent_region_cannot_be_resized_or_written_by_its_sender() -> miniray::Result
         // one-byte buffer.
         let report = unsafe {
             let resize_before = errno_of(libc::ftruncate(raw, len as libc::off_t).into());
-            h.send_with(&(), vec![buf.into()])?;
+            h.send_attached(&(), vec![buf.into()])?;
             AfterSend {
                 target,
                 resize_before,
@@ -483,7 +485,7 @@ fn a_sent_region_cannot_be_resized_or_written_by_its_sender() -> miniray::Result
         };
         h.send(&report)
     })?;
-    let ((), got) = w.recv_with_timeout::<()>(util::STEP)?;
+    let ((), got) = w.recv_attached_timeout::<()>(util::STEP)?;
     let report: AfterSend = w.recv_timeout(util::STEP)?;
     assert_eq!(report.target, "/memfd:miniray (deleted)");
     assert_eq!(
@@ -511,7 +513,7 @@ fn held_views_cost_no_descriptors() -> miniray::Result<()> {
         let before = util::open_fds().len();
         let mut held = Vec::new();
         for _ in 0..MESSAGES {
-            let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+            let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
             held.extend(got);
         }
         let after = util::open_fds().len();
@@ -525,7 +527,7 @@ fn held_views_cost_no_descriptors() -> miniray::Result<()> {
         let bufs = (0..PER_MESSAGE)
             .map(|i| SharedBuf::from_slice(&[(m * PER_MESSAGE + i) as u8; 100]).map(Into::into))
             .collect::<miniray::Result<Vec<_>>>()?;
-        w.send_with(&(), bufs)?;
+        w.send_attached(&(), bufs)?;
     }
     let (before, after, held, sum) = w.recv_timeout::<(u64, u64, u64, u64)>(util::STEP)?;
     assert_eq!(held, MESSAGES * PER_MESSAGE);
@@ -617,14 +619,14 @@ fn receiving_at_the_fd_limit_is_an_fd_limit_error_then_recovers() -> miniray::Re
         let limit = lowest_free_fd() as u64;
         set_fd_limit(limit);
         h.send(&limit)?;
-        let first = match h.recv_with_timeout::<u32>(util::STEP) {
+        let first = match h.recv_attached_timeout::<u32>(util::STEP) {
             Err(Error::FdLimit { limit: said }) => format!("fd limit {said}"),
             Err(other) => format!("error: {other}"),
             Ok((n, got)) => format!("message {n} with {} attachments", got.len()),
         };
         set_fd_limit(original);
         h.send(&first)?;
-        let (n, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+        let (n, got) = h.recv_attached_timeout::<u32>(util::STEP)?;
         let bytes = got
             .first()
             .map(|r| r.as_bytes().to_vec())
@@ -633,12 +635,12 @@ fn receiving_at_the_fd_limit_is_an_fd_limit_error_then_recovers() -> miniray::Re
     })?;
     w.send(&())?;
     let limit: u64 = w.recv_timeout(util::STEP)?;
-    w.send_with(&1u32, vec![SharedBuf::from_slice(&[1u8; 64])?.into()])?;
+    w.send_attached(&1u32, vec![SharedBuf::from_slice(&[1u8; 64])?.into()])?;
     assert_eq!(
         w.recv_timeout::<String>(util::STEP)?,
         format!("fd limit {limit}")
     );
-    w.send_with(&2u32, vec![SharedBuf::from_slice(&[2u8; 64])?.into()])?;
+    w.send_attached(&2u32, vec![SharedBuf::from_slice(&[2u8; 64])?.into()])?;
     let (n, count, bytes) = w.recv_timeout::<(u32, u64, Vec<u8>)>(util::STEP)?;
     assert_eq!((n, count, bytes), (2, 1, vec![2u8; 64]));
     assert!(w.wait_timeout(util::STEP)?.success());
@@ -656,10 +658,10 @@ fn a_pool_slot_in_a_frame_cut_at_the_fd_limit_comes_back() -> miniray::Result<()
     let pool = miniray::BufferPool::new(2, 4096)?;
     let mut w = Worker::spawn(|h| {
         let original = fd_limit();
-        drop(h.recv_with_timeout::<u32>(util::STEP)?); // The pool is now mapped here.
+        drop(h.recv_attached_timeout::<u32>(util::STEP)?); // The pool is now mapped here.
         set_fd_limit(lowest_free_fd() as u64);
         h.send(&())?;
-        let outcome = match h.recv_with_timeout::<u32>(util::STEP) {
+        let outcome = match h.recv_attached_timeout::<u32>(util::STEP) {
             Err(Error::FdLimit { .. }) => "fd limit".to_string(),
             Err(other) => format!("error: {other}"),
             Ok((n, got)) => format!("message {n} with {} attachments", got.len()),
@@ -667,12 +669,12 @@ fn a_pool_slot_in_a_frame_cut_at_the_fd_limit_comes_back() -> miniray::Result<()
         set_fd_limit(original);
         h.send(&outcome)
     })?;
-    let first = pool.acquire(util::STEP)?;
-    w.send_with(&1u32, vec![first.into()])?;
+    let first = pool.acquire_timeout(util::STEP)?;
+    w.send_attached(&1u32, vec![first.into()])?;
     w.recv_timeout::<()>(util::STEP)?;
-    let slot = pool.acquire(util::STEP)?;
+    let slot = pool.acquire_timeout(util::STEP)?;
     let fresh = SharedBuf::from_slice(&[9u8; 64])?; // Needs a descriptor: cut.
-    w.send_with(&2u32, vec![slot.into(), fresh.into()])?;
+    w.send_attached(&2u32, vec![slot.into(), fresh.into()])?;
     assert_eq!(w.recv_timeout::<String>(util::STEP)?, "fd limit");
     assert!(
         util::eventually(util::STEP, || pool.available() == 2),
@@ -698,7 +700,7 @@ fn attachments_stay_with_their_message_when_frames_arrive_together() -> miniray:
             let mut atts: Vec<miniray::Attachment> = Vec::new();
             for k in 0..i % 4 {
                 let buf = if (i + k) % 5 == 0 {
-                    let mut slot = pool.acquire(util::STEP)?;
+                    let mut slot = pool.acquire_timeout(util::STEP)?;
                     slot.truncate(8);
                     slot.as_mut_slice::<u32>()?.copy_from_slice(&[i, k]);
                     slot
@@ -707,14 +709,14 @@ fn attachments_stay_with_their_message_when_frames_arrive_together() -> miniray:
                 };
                 atts.push(buf.into());
             }
-            h.send_with(&i, atts)?;
+            h.send_attached(&i, atts)?;
         }
         Ok(())
     })?;
     // Everything is queued before the first read: the worker has exited.
     assert!(w.wait_timeout(util::STEP)?.success());
     for i in 0..COUNT {
-        let (n, got) = w.recv_with_timeout::<u32>(util::STEP)?;
+        let (n, got) = w.recv_attached_timeout::<u32>(util::STEP)?;
         assert_eq!(n, i, "messages arrive in order");
         assert_eq!(
             got.len() as u32,
@@ -743,26 +745,26 @@ fn a_pool_announcement_lost_at_the_fd_limit_is_made_again() -> miniray::Result<(
         let original = fd_limit();
         set_fd_limit(lowest_free_fd() as u64);
         h.send(&())?;
-        let first = match h.recv_with_timeout::<u32>(util::STEP) {
+        let first = match h.recv_attached_timeout::<u32>(util::STEP) {
             Err(Error::FdLimit { .. }) => "fd limit".to_string(),
             Err(other) => format!("error: {other}"),
             Ok((n, got)) => format!("message {n} with {} attachments", got.len()),
         };
         set_fd_limit(original);
         h.send(&first)?;
-        let (n, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+        let (n, got) = h.recv_attached_timeout::<u32>(util::STEP)?;
         let byte = got[0].as_bytes()[0];
         drop(got);
         h.send(&(n, byte))
     })?;
     w.recv_timeout::<()>(util::STEP)?;
-    let mut lost = pool.acquire(util::STEP)?;
+    let mut lost = pool.acquire_timeout(util::STEP)?;
     lost.as_bytes_mut()[0] = 1;
-    w.send_with(&1u32, vec![lost.into()])?;
+    w.send_attached(&1u32, vec![lost.into()])?;
     assert_eq!(w.recv_timeout::<String>(util::STEP)?, "fd limit");
-    let mut next = pool.acquire(util::STEP)?;
+    let mut next = pool.acquire_timeout(util::STEP)?;
     next.as_bytes_mut()[0] = 2;
-    w.send_with(&2u32, vec![next.into()])?;
+    w.send_attached(&2u32, vec![next.into()])?;
     assert_eq!(w.recv_timeout::<(u32, u8)>(util::STEP)?, (2, 2));
     assert!(
         util::eventually(util::STEP, || pool.available() == 2),

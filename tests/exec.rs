@@ -172,7 +172,7 @@ fn panicking_entry_is_exit_101() {
     let got = w.recv_timeout::<u32>(util::STEP);
     let pid = w.pid();
     assert!(
-        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(101) }) if p == pid),
+        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(101), .. }) if p == pid),
         "{got:?}"
     );
 }
@@ -182,7 +182,7 @@ fn failing_entry_is_exit_1() {
     let got = w.recv_timeout::<u32>(util::STEP);
     let pid = w.pid();
     assert!(
-        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(1) }) if p == pid),
+        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(1), .. }) if p == pid),
         "{got:?}"
     );
 }

@@ -46,7 +46,7 @@ fn spawn_alone(start: impl FnOnce() -> miniray::Result<Worker>) -> Worker {
 fn assert_died<T: Debug>(result: miniray::Result<T>, pid: u32, status: ExitStatus) {
     let err = result.expect_err("the worker is dead");
     assert!(
-        matches!(err, Error::WorkerDied { pid: p, status: s } if p == pid && s == status),
+        matches!(err, Error::WorkerDied { pid: p, status: s, .. } if p == pid && s == status),
         "expected worker {pid} to have died ({status}), got {err:?}"
     );
     let text = err.to_string();
@@ -466,7 +466,7 @@ fn plain_recv_refuses_a_message_with_attachments() {
     let mut w = spawn_alone(|| {
         Worker::spawn(|h| {
             let buf = SharedBuf::from_slice(&[1u8, 2, 3])?;
-            h.send_with(&7u32, vec![buf.into()])?;
+            h.send_attached(&7u32, vec![buf.into()])?;
             h.send(&8u32)
         })
     });
@@ -504,10 +504,10 @@ fn recv_any_reports_a_garbled_worker_and_serves_the_rest() {
         })
     });
     let garbled_pid = garbled.pid();
-    let mut workers = vec![garbled, good];
+    let mut workers = miniray::Workers::new(vec![garbled, good]);
     let (mut got, mut reported) = (Vec::new(), 0);
     while got.len() < 5 {
-        match miniray::recv_any::<u32>(&mut workers, util::STEP) {
+        match workers.recv_any_timeout::<u32>(util::STEP) {
             Ok((index, value)) => {
                 assert_eq!(index, 1, "only the good worker sends messages");
                 got.push(value);

@@ -28,11 +28,11 @@ fn live_fds() -> Vec<i32> {
 /// Takes a buffer and a pool slot, sends its own back, and waits to be
 /// told to finish.
 fn trade_buffers(h: &mut Handle) -> miniray::Result<()> {
-    let ((), received) = h.recv_with_timeout::<()>(util::STEP)?;
+    let ((), received) = h.recv_attached_timeout::<()>(util::STEP)?;
     let pool = BufferPool::new(1, 4096)?;
-    let slot = pool.acquire(util::STEP)?;
+    let slot = pool.acquire_timeout(util::STEP)?;
     let buf = SharedBuf::from_slice(&[7u8; 4096])?;
-    h.send_with(&(), vec![buf.into(), slot.into()])?;
+    h.send_attached(&(), vec![buf.into(), slot.into()])?;
     h.recv_timeout::<()>(util::STEP)?;
     drop(received);
     Ok(())
@@ -48,10 +48,10 @@ fn every_new_descriptor_is_close_on_exec() {
     let kept = SharedBuf::new(4096).expect("buffer");
     let pool = BufferPool::new(2, 4096).expect("pool");
     let sent = SharedBuf::from_slice(&[1u8; 4096]).expect("buffer");
-    let slot = pool.acquire(util::STEP).expect("slot");
-    w.send_with(&(), vec![sent.into(), slot.into()])
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    w.send_attached(&(), vec![sent.into(), slot.into()])
         .expect("send");
-    let ((), received) = w.recv_with_timeout::<()>(util::STEP).expect("recv");
+    let ((), received) = w.recv_attached_timeout::<()>(util::STEP).expect("recv");
     assert_eq!(received.len(), 2);
 
     let new: Vec<i32> = live_fds()

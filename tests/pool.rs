@@ -58,7 +58,7 @@ fn ten_thousand_pooled_hand_offs_leave_fds_and_mappings_unchanged() -> miniray::
     let pool = BufferPool::new(4, 64 * 1024)?;
     let mut w = Worker::spawn(|h| {
         loop {
-            let (step, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+            let (step, got) = h.recv_attached_timeout::<u32>(util::STEP)?;
             let view = got.into_iter().next().expect("one attachment").into_buf();
             let words = view.as_slice::<u32>()?;
             let ok = view.is_pooled()
@@ -77,13 +77,13 @@ fn ten_thousand_pooled_hand_offs_leave_fds_and_mappings_unchanged() -> miniray::
 
     let mut probes = Vec::new();
     for step in 0..HAND_OFFS {
-        let mut buf = pool.acquire(util::STEP)?;
+        let mut buf = pool.acquire_timeout(util::STEP)?;
         let words = buf.as_mut_slice::<u32>()?;
         let (mid, last) = (words.len() / 2, words.len() - 1);
         words[0] = step;
         words[mid] = step.wrapping_mul(3);
         words[last] = !step;
-        w.send_with(&step, vec![buf.into()])?;
+        w.send_attached(&step, vec![buf.into()])?;
         let (echo, ok, probe) = w.recv_timeout::<(u32, bool, Option<Probe>)>(util::STEP)?;
         assert_eq!(echo, step);
         assert!(ok, "hand-off {step} arrived wrong");
@@ -114,17 +114,17 @@ fn acquiring_from_an_empty_pool_times_out() -> miniray::Result<()> {
     );
     let _s = shared();
     let pool = BufferPool::new(2, 4096)?;
-    let first = pool.acquire(util::STEP)?;
-    let _second = pool.acquire(util::STEP)?;
+    let first = pool.acquire_timeout(util::STEP)?;
+    let _second = pool.acquire_timeout(util::STEP)?;
     assert_eq!(pool.available(), 0);
     assert!(pool.try_acquire().is_none());
-    match pool.acquire(SHORT) {
+    match pool.acquire_timeout(SHORT) {
         Err(Error::Timeout { timeout_ms }) => assert_eq!(timeout_ms, SHORT.as_millis() as u64),
         other => panic!("expected Error::Timeout, got {other:?}"),
     }
     drop(first); // never sent: straight back to the pool
     assert_eq!(pool.available(), 1);
-    assert!(pool.acquire(util::STEP).is_ok());
+    assert!(pool.acquire_timeout(util::STEP).is_ok());
     Ok(())
 }
 
@@ -137,16 +137,16 @@ fn a_held_slot_is_backpressure_until_the_worker_drops_it() -> miniray::Result<()
     let _s = shared();
     let pool = BufferPool::new(1, 4096)?;
     let mut w = Worker::spawn(|h| {
-        let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let view = got.into_iter().next().expect("one attachment").into_buf();
         h.send(&view.as_slice::<u64>()?[0])?;
         h.recv_timeout::<()>(util::STEP)?; // hold the view until told
         drop(view);
         h.send(&"dropped".to_string())
     })?;
-    let mut buf = pool.acquire(util::STEP)?;
+    let mut buf = pool.acquire_timeout(util::STEP)?;
     buf.as_mut_slice::<u64>()?[0] = 77;
-    w.send_with(&(), vec![buf.into()])?;
+    w.send_attached(&(), vec![buf.into()])?;
     assert_eq!(
         w.recv_timeout::<u64>(util::STEP)?,
         77,
@@ -154,13 +154,16 @@ fn a_held_slot_is_backpressure_until_the_worker_drops_it() -> miniray::Result<()
     );
 
     assert_eq!(pool.available(), 0);
-    assert!(matches!(pool.acquire(SHORT), Err(Error::Timeout { .. })));
+    assert!(matches!(
+        pool.acquire_timeout(SHORT),
+        Err(Error::Timeout { .. })
+    ));
 
     // Wait for the slot in another thread while the worker lets go of it:
     // the release wakes a writer sleeping in another process.
     let waiting = {
         let pool = pool.clone();
-        std::thread::spawn(move || pool.acquire(util::STEP).map(|b| b.len()))
+        std::thread::spawn(move || pool.acquire_timeout(util::STEP).map(|b| b.len()))
     };
     w.send(&())?;
     assert_eq!(w.recv_timeout::<String>(util::STEP)?, "dropped");
@@ -179,16 +182,16 @@ fn a_held_slot_is_backpressure_until_the_worker_drops_it() -> miniray::Result<()
 fn holder(pool: &BufferPool) -> miniray::Result<Worker> {
     let slots = pool.slots();
     let mut w = Worker::spawn(move |h| {
-        let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
         h.send(&(got.len() as u32))?;
         h.recv_timeout::<()>(util::STEP)?; // never comes: the parent kills us
         drop(got);
         Ok(())
     })?;
     let bufs = (0..slots)
-        .map(|_| pool.acquire(util::STEP).map(Into::into))
+        .map(|_| pool.acquire_timeout(util::STEP).map(Into::into))
         .collect::<miniray::Result<Vec<_>>>()?;
-    w.send_with(&(), bufs)?;
+    w.send_attached(&(), bufs)?;
     assert_eq!(w.recv_timeout::<u32>(util::STEP)?, slots);
     Ok(w)
 }
@@ -223,7 +226,7 @@ fn a_killed_holder_gives_its_slots_back_once_its_death_is_seen() -> miniray::Res
         ExitStatus::Signaled(libc::SIGKILL)
     );
     assert_eq!(pool.available(), 2);
-    assert!(pool.acquire(util::STEP).is_ok());
+    assert!(pool.acquire_timeout(util::STEP).is_ok());
     Ok(())
 }
 
@@ -237,15 +240,15 @@ fn a_worker_pool_feeds_the_parent() -> miniray::Result<()> {
     let mut w = Worker::spawn(|h| {
         let pool = BufferPool::new(SLOTS, 16 * 1024)?;
         for batch in 0..BATCHES {
-            let mut buf = pool.acquire(util::STEP)?;
+            let mut buf = pool.acquire_timeout(util::STEP)?;
             buf.as_mut_slice::<u32>()?.fill(batch);
-            h.send_with(&batch, vec![buf.into()])?;
+            h.send_attached(&batch, vec![buf.into()])?;
         }
         h.recv_timeout::<()>(util::STEP)?; // the parent dropped every view
         h.send(&(pool.available() as u32))
     })?;
     for batch in 0..BATCHES {
-        let (n, got) = w.recv_with_timeout::<u32>(util::STEP)?;
+        let (n, got) = w.recv_attached_timeout::<u32>(util::STEP)?;
         assert_eq!((n, got.len()), (batch, 1));
         let view = got.into_iter().next().expect("one attachment").into_buf();
         assert!(view.is_pooled());
@@ -267,7 +270,7 @@ fn two_pools_to_one_worker() -> miniray::Result<()> {
     let large = BufferPool::new(3, 64 * 1024)?;
     let mut w = Worker::spawn(|h| {
         loop {
-            let (round, got) = h.recv_with_timeout::<u8>(util::STEP)?;
+            let (round, got) = h.recv_attached_timeout::<u8>(util::STEP)?;
             // (length, every byte equal to, pooled) per attachment
             let seen: Vec<(u64, Option<u8>, bool)> = got
                 .into_iter()
@@ -286,9 +289,9 @@ fn two_pools_to_one_worker() -> miniray::Result<()> {
     })?;
     let mut worker_fds = Vec::new();
     for round in 0..ROUNDS {
-        let mut a = small.acquire(util::STEP)?;
+        let mut a = small.acquire_timeout(util::STEP)?;
         a.as_bytes_mut().fill(round);
-        let mut b = large.acquire(util::STEP)?;
+        let mut b = large.acquire_timeout(util::STEP)?;
         b.as_bytes_mut().fill(100 + round);
         // Odd rounds send the large pool's slot alone.
         let (attachments, expected) = match round % 2 {
@@ -301,7 +304,7 @@ fn two_pools_to_one_worker() -> miniray::Result<()> {
             ),
             _ => (vec![b.into()], vec![(64 * 1024, Some(100 + round), true)]),
         };
-        w.send_with(&round, attachments)?;
+        w.send_attached(&round, attachments)?;
         let (seen, fds) = w.recv_timeout::<(Vec<(u64, Option<u8>, bool)>, u64)>(util::STEP)?;
         assert_eq!(seen, expected, "round {round}");
         worker_fds.push(fds);
@@ -323,11 +326,11 @@ fn a_tensor_on_a_pooled_slot_keeps_dtype_and_shape() -> miniray::Result<()> {
     );
     let _s = shared();
     let pool = BufferPool::new(1, 1 << 20)?;
-    let too_big = Tensor::from_buf(pool.acquire(util::STEP)?, DType::F64, &[1 << 20]);
+    let too_big = Tensor::from_buf(pool.acquire_timeout(util::STEP)?, DType::F64, &[1 << 20]);
     assert!(matches!(too_big, Err(Error::View(_))));
 
     let mut w = Worker::spawn(|h| {
-        let ((), mut got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), mut got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let t = got.remove(0).into_tensor()?;
         let dtype = format!("{:?}", t.dtype());
         let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
@@ -335,10 +338,10 @@ fn a_tensor_on_a_pooled_slot_keeps_dtype_and_shape() -> miniray::Result<()> {
         let view = t.into_buf();
         h.send(&(dtype, shape, values, view.len() as u64, view.is_pooled()))
     })?;
-    let mut t = Tensor::from_buf(pool.acquire(util::STEP)?, DType::I32, &[4, 8])?;
+    let mut t = Tensor::from_buf(pool.acquire_timeout(util::STEP)?, DType::I32, &[4, 8])?;
     let values: Vec<i32> = (0..32).map(|i| i * i - 100).collect();
     t.as_mut_slice::<i32>()?.copy_from_slice(&values);
-    w.send_with(&(), vec![t.into()])?;
+    w.send_attached(&(), vec![t.into()])?;
     let got = w.recv_timeout::<(String, Vec<u64>, Vec<i32>, u64, bool)>(util::STEP)?;
     assert_eq!(got, ("I32".to_string(), vec![4, 8], values, 4 * 32, true));
     assert!(w.wait_timeout(util::STEP)?.success());
@@ -367,7 +370,7 @@ fn a_slot_of_an_unknown_pool_is_a_protocol_error() -> miniray::Result<()> {
         util::send_raw(h.as_fd(), &frame, &[]).map_err(Error::Send)?;
         h.send(&"still here".to_string())
     })?;
-    match w.recv_with_timeout::<()>(util::STEP) {
+    match w.recv_attached_timeout::<()>(util::STEP) {
         Err(Error::Protocol(why)) => assert!(why.contains("unknown pool"), "{why}"),
         other => panic!("expected Error::Protocol, got {other:?}"),
     }
@@ -391,7 +394,7 @@ fn writing_through_a_pooled_view_kills_the_writer() -> miniray::Result<()> {
         };
         // SAFETY: `zero` is a valid rlimit: no core file for the crash below.
         unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
-        let ((), got) = h.recv_with_timeout::<()>(util::STEP)?;
+        let ((), got) = h.recv_attached_timeout::<()>(util::STEP)?;
         let view = got.into_iter().next().expect("one attachment").into_buf();
         h.send(&view.as_bytes()[0])?;
         let ptr = view.as_bytes().as_ptr() as *mut u8;
@@ -400,9 +403,9 @@ fn writing_through_a_pooled_view_kills_the_writer() -> miniray::Result<()> {
         unsafe { ptr.write_volatile(0) };
         h.send(&0xffu8)
     })?;
-    let mut buf = pool.acquire(util::STEP)?;
+    let mut buf = pool.acquire_timeout(util::STEP)?;
     buf.as_bytes_mut()[0] = 9;
-    w.send_with(&(), vec![buf.into()])?;
+    w.send_attached(&(), vec![buf.into()])?;
     assert_eq!(w.recv_timeout::<u8>(util::STEP)?, 9);
     match w.recv_timeout::<u8>(util::STEP) {
         Err(Error::WorkerDied { status, .. }) => {
@@ -426,7 +429,7 @@ fn dropped_pools_do_not_pile_up_in_the_receiver() -> miniray::Result<()> {
     const EPOCHS: u32 = 80; // Past the limit of 64 pools per peer.
     let mut w = Worker::spawn(|h| {
         loop {
-            let (epoch, got) = h.recv_with_timeout::<u32>(util::STEP)?;
+            let (epoch, got) = h.recv_attached_timeout::<u32>(util::STEP)?;
             let first = got[0].as_bytes()[0];
             drop(got);
             let pools = util::mappings_matching("miniray-pool").0;
@@ -439,9 +442,9 @@ fn dropped_pools_do_not_pile_up_in_the_receiver() -> miniray::Result<()> {
     let mut most = 0;
     for epoch in 0..EPOCHS {
         let pool = BufferPool::new(1, 4096)?;
-        let mut slot = pool.acquire(util::STEP)?;
+        let mut slot = pool.acquire_timeout(util::STEP)?;
         slot.as_bytes_mut()[0] = epoch as u8;
-        w.send_with(&epoch, vec![slot.into()])?;
+        w.send_attached(&epoch, vec![slot.into()])?;
         let (e, first, pools) = w.recv_timeout::<(u32, u8, u64)>(util::STEP)?;
         assert_eq!((e, first), (epoch, epoch as u8));
         most = most.max(pools);

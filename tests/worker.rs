@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use miniray::rkyv::{Archive, Deserialize, Serialize};
-use miniray::{Error, ExitStatus, Message, Worker, recv_any};
+use miniray::{Error, ExitStatus, Message, Worker, Workers};
 
 /// Each test's limit; a correct run of any of them takes well under a second.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -251,7 +251,7 @@ fn builder_env_reaches_only_its_worker() {
 #[test]
 fn recv_any_is_not_held_up_by_a_slow_worker() {
     let _w = util::watchdog("recv_any_is_not_held_up_by_a_slow_worker", LIMIT);
-    let mut workers = vec![
+    let mut workers = Workers::new(vec![
         // Slow: says nothing until told to go.
         Worker::spawn(|h| {
             h.recv_timeout::<()>(util::STEP)?;
@@ -260,10 +260,12 @@ fn recv_any_is_not_held_up_by_a_slow_worker() {
         .expect("spawn"),
         Worker::spawn(|h| h.send(&1u32)).expect("spawn"),
         Worker::spawn(|h| h.send(&2u32)).expect("spawn"),
-    ];
+    ]);
     let mut fast = Vec::new();
     for _ in 0..2 {
-        let (index, value) = recv_any::<u32>(&mut workers, util::STEP).expect("recv_any");
+        let (index, value) = workers
+            .recv_any_timeout::<u32>(util::STEP)
+            .expect("recv_any");
         assert_eq!(
             index as u32, value,
             "the message comes from the worker named"
@@ -279,7 +281,9 @@ fn recv_any_is_not_held_up_by_a_slow_worker() {
     );
 
     workers[0].send(&()).expect("send");
-    let last = recv_any::<u32>(&mut workers, util::STEP).expect("recv_any");
+    let last = workers
+        .recv_any_timeout::<u32>(util::STEP)
+        .expect("recv_any");
     assert_eq!(last, (0, 0));
 }
 
@@ -288,9 +292,9 @@ fn recv_any_times_out_when_all_are_silent() {
     let _w = util::watchdog("recv_any_times_out_when_all_are_silent", LIMIT);
     let mut workers = (0..2)
         .map(|_| Worker::spawn(|h| h.recv_timeout::<()>(util::STEP)))
-        .collect::<miniray::Result<Vec<_>>>()
+        .collect::<miniray::Result<Workers>>()
         .expect("spawn");
-    let got = recv_any::<u32>(&mut workers, SILENCE);
+    let got = workers.recv_any_timeout::<u32>(SILENCE);
     assert!(
         matches!(got, Err(Error::Timeout { timeout_ms: 100 })),
         "{got:?}"
@@ -303,16 +307,18 @@ fn recv_any_skips_workers_that_finished_cleanly_then_disconnects() {
         "recv_any_skips_workers_that_finished_cleanly_then_disconnects",
         LIMIT,
     );
-    let mut workers = vec![
+    let mut workers = Workers::new(vec![
         Worker::spawn(|h| h.send(&10u32)).expect("spawn"),
         Worker::spawn(|h| {
             h.recv_timeout::<()>(util::STEP)?;
             h.send(&11u32)
         })
         .expect("spawn"),
-    ];
+    ]);
     assert_eq!(
-        recv_any::<u32>(&mut workers, util::STEP).expect("recv_any"),
+        workers
+            .recv_any_timeout::<u32>(util::STEP)
+            .expect("recv_any"),
         (0, 10)
     );
     let first = util::exit_status(&mut workers[0]);
@@ -320,16 +326,18 @@ fn recv_any_skips_workers_that_finished_cleanly_then_disconnects() {
 
     // Worker 0 is done and read to the end: it is neither a message nor an
     // error, so with worker 1 silent the answer is a timeout.
-    let got = recv_any::<u32>(&mut workers, SILENCE);
+    let got = workers.recv_any_timeout::<u32>(SILENCE);
     assert!(matches!(got, Err(Error::Timeout { .. })), "{got:?}");
 
     workers[1].send(&()).expect("send");
     assert_eq!(
-        recv_any::<u32>(&mut workers, util::STEP).expect("recv_any"),
+        workers
+            .recv_any_timeout::<u32>(util::STEP)
+            .expect("recv_any"),
         (1, 11)
     );
     for _ in 0..2 {
-        let got = recv_any::<u32>(&mut workers, util::STEP);
+        let got = workers.recv_any_timeout::<u32>(util::STEP);
         assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
     }
 }
@@ -340,7 +348,7 @@ fn recv_any_reports_a_failed_worker_by_pid_after_its_messages() {
         "recv_any_reports_a_failed_worker_by_pid_after_its_messages",
         LIMIT,
     );
-    let mut workers = vec![
+    let mut workers = Workers::new(vec![
         Worker::spawn(|h| {
             h.recv_timeout::<()>(util::STEP)?;
             h.send(&20u32)
@@ -351,14 +359,16 @@ fn recv_any_reports_a_failed_worker_by_pid_after_its_messages() {
             panic!("worker 1 fails after its message");
         })
         .expect("spawn"),
-    ];
+    ]);
     let failed_pid = workers[1].pid();
     assert_eq!(
-        recv_any::<u32>(&mut workers, util::STEP).expect("recv_any"),
+        workers
+            .recv_any_timeout::<u32>(util::STEP)
+            .expect("recv_any"),
         (1, 21)
     );
-    match recv_any::<u32>(&mut workers, util::STEP) {
-        Err(Error::WorkerDied { pid, status }) => {
+    match workers.recv_any_timeout::<u32>(util::STEP) {
+        Err(Error::WorkerDied { pid, status, .. }) => {
             assert_eq!(pid, failed_pid);
             assert_eq!(status, ExitStatus::Exited(101));
         }
@@ -368,10 +378,12 @@ fn recv_any_reports_a_failed_worker_by_pid_after_its_messages() {
     // The failure is reported once; the other worker carries on.
     workers[0].send(&()).expect("send");
     assert_eq!(
-        recv_any::<u32>(&mut workers, util::STEP).expect("recv_any"),
+        workers
+            .recv_any_timeout::<u32>(util::STEP)
+            .expect("recv_any"),
         (0, 20)
     );
-    let got = recv_any::<u32>(&mut workers, util::STEP);
+    let got = workers.recv_any_timeout::<u32>(util::STEP);
     assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
 }
 

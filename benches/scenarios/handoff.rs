@@ -191,7 +191,7 @@ fn spawn_view_reader() -> Worker {
     Worker::spawn(|h| {
         pin_worker();
         serve_until_closed(h, |h| {
-            let ((), received) = h.recv_with::<()>()?;
+            let ((), received) = h.recv_attached::<()>()?;
             let view = received
                 .into_iter()
                 .next()
@@ -227,7 +227,7 @@ impl Scenario for MemfdFreshHandoff {
     fn run_once(&mut self) {
         let buf = SharedBuf::from_slice(&self.data).expect("create and fill a memfd");
         self.worker
-            .send_with(&(), vec![buf.into()])
+            .send_attached(&(), vec![buf.into()])
             .expect("send batch");
         let reply: [f32; 2] = self.worker.recv().expect("receive reply");
         check_reply(reply, first_last(&self.data));
@@ -250,7 +250,7 @@ impl PooledHandoff {
     pub fn new(len_bytes: usize) -> PooledHandoff {
         let worker = spawn_view_reader();
         let pool = BufferPool::new(1, len_bytes).expect("create pool");
-        let mut slot = pool.acquire(SLOT_TIMEOUT).expect("acquire slot");
+        let mut slot = pool.acquire_timeout(SLOT_TIMEOUT).expect("acquire slot");
         let data = slot.as_mut_slice::<f32>().expect("f32 view of the slot");
         fill_random(data);
         let expected = first_last(data);
@@ -265,7 +265,7 @@ impl PooledHandoff {
 
     fn send(&mut self, slot: SharedBuf) {
         self.worker
-            .send_with(&(), vec![slot.into()])
+            .send_attached(&(), vec![slot.into()])
             .expect("send slot");
         let reply: [f32; 2] = self.worker.recv().expect("receive reply");
         check_reply(reply, self.expected);
@@ -274,7 +274,10 @@ impl PooledHandoff {
 
 impl Scenario for PooledHandoff {
     fn run_once(&mut self) {
-        let slot = self.pool.acquire(SLOT_TIMEOUT).expect("acquire slot");
+        let slot = self
+            .pool
+            .acquire_timeout(SLOT_TIMEOUT)
+            .expect("acquire slot");
         self.send(slot);
     }
 }

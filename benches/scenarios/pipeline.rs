@@ -164,7 +164,7 @@ impl Scenario for Pipeline {
                 batch[0]
             }
             Stream::MemfdFresh | Stream::Pooled => {
-                let ((), received) = self.worker.recv_with::<()>().expect("receive batch");
+                let ((), received) = self.worker.recv_attached::<()>().expect("receive batch");
                 let view = received.into_iter().next().expect("a batch").into_buf();
                 let batch = view.as_slice::<f32>().expect("f32 view");
                 read_all(batch);
@@ -194,15 +194,17 @@ fn produce(h: &mut Handle, stream: Stream) -> miniray::Result<()> {
             let seq: u32 = h.recv()?;
             let mut buf = SharedBuf::new(BATCH_BYTES)?;
             fill_batch(buf.as_mut_slice()?, seq);
-            h.send_with(&(), vec![buf.into()])
+            h.send_attached(&(), vec![buf.into()])?;
+            Ok(())
         }),
         Stream::Pooled => {
             let pool = BufferPool::new(POOL_SLOTS, BATCH_BYTES)?;
             serve_until_closed(h, |h| {
                 let seq: u32 = h.recv()?;
-                let mut buf = pool.acquire(SLOT_TIMEOUT)?;
+                let mut buf = pool.acquire_timeout(SLOT_TIMEOUT)?;
                 fill_batch(buf.as_mut_slice()?, seq);
-                h.send_with(&(), vec![buf.into()])
+                h.send_attached(&(), vec![buf.into()])?;
+                Ok(())
             })
         }
     }

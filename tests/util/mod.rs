@@ -117,6 +117,7 @@ pub struct RawDesc {
     pub dtype: u32,
     pub slot: u32,
     pub flags: u32,
+    pub seat: u32,
     pub len_bytes: u64,
     pub pool_id: u64,
 }
@@ -127,21 +128,29 @@ pub const RAW_ATTACH_MEMFD: u32 = 1;
 pub const RAW_ATTACH_POOLED: u32 = 2;
 
 /// The bytes of a message frame built by hand, independently of the
-/// library's own encoder: the 32-byte little-endian header (magic `MRAY`,
-/// version 1, kind 1, attachment count, flags 0, payload length, inline data
-/// length 0), one 112-byte descriptor per attachment, then the payload.
+/// library's own encoder: the 48-byte little-endian header (magic `MRAY`,
+/// version 2, kind 1, attachment count, flags 0, payload length, type id 0
+/// for "untyped", inline data length 0, reserved 0), one 112-byte
+/// descriptor per attachment, then the payload.
 pub fn raw_frame(descs: &[RawDesc], payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + 112 * descs.len() + payload.len());
+    raw_frame_typed(descs, payload, 0)
+}
+
+/// As [`raw_frame`], with a type fingerprint in the header.
+pub fn raw_frame_typed(descs: &[RawDesc], payload: &[u8], type_id: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + 112 * descs.len() + payload.len());
     out.extend_from_slice(b"MRAY");
-    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
     out.extend_from_slice(&1u16.to_le_bytes());
     out.extend_from_slice(&(descs.len() as u32).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&type_id.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
     for d in descs {
         let start = out.len();
-        for word in [d.kind, d.dtype, 0 /* ndim */, d.slot, d.flags, 0] {
+        for word in [d.kind, d.dtype, 0 /* ndim */, d.slot, d.flags, d.seat] {
             out.extend_from_slice(&word.to_le_bytes());
         }
         for word in [d.len_bytes, d.pool_id, 0] {

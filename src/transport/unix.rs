@@ -1,4 +1,6 @@
-//! Reading frames off a stream socket, one `recvmsg` per small frame.
+//! The Unix transport: frames over a stream socket, attachments as
+//! descriptors (`SCM_RIGHTS`). One `sendmsg` per frame out, one `recvmsg`
+//! per small frame in.
 //!
 //! A small frame arrives whole in one read: the reader asks the kernel for
 //! up to [`READ_AHEAD_BYTES`] at a time and keeps whatever lies past the
@@ -13,25 +15,123 @@
 //! and hands them to that frame alone.
 
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use rkyv::util::AlignedVec;
 
+use super::{Blocking, InFrame, OutFrame, WriteError};
+use crate::codec::{FrameHeader, HEADER_LEN, Limits};
 use crate::sys;
-use crate::wire::{FrameHeader, HEADER_LEN, Limits};
 use crate::{Error, Result};
+
+/// The sending half: writes whole frames, descriptors with the first byte.
+pub(crate) struct UnixTx {
+    sock: Arc<UnixStream>,
+}
+
+/// The receiving half: the socket and the frame being assembled.
+pub(crate) struct UnixRx {
+    sock: Arc<UnixStream>,
+    reader: FrameReader,
+}
+
+/// Both halves over one connected stream socket.
+pub(crate) fn split(sock: OwnedFd) -> (UnixTx, UnixRx) {
+    let sock = Arc::new(UnixStream::from(sock));
+    let rx = UnixRx {
+        sock: sock.clone(),
+        reader: FrameReader::default(),
+    };
+    (UnixTx { sock }, rx)
+}
+
+impl UnixTx {
+    /// Writes every byte of `frame`; the descriptors of its regions go with
+    /// the first byte. When the socket is full, `wait` is called (with
+    /// whether any byte left yet) to wait for room, or to give up.
+    pub(crate) fn write_frame(
+        &mut self,
+        frame: &OutFrame<'_>,
+        wait: &mut dyn FnMut(BorrowedFd<'_>, bool) -> Result<()>,
+    ) -> Result<(), WriteError> {
+        let sock = self.sock.as_fd();
+        let descs: &[u8] = bytemuck::cast_slice(frame.descs);
+        let mut iov = [
+            IoSlice::new(bytemuck::bytes_of(frame.header)),
+            IoSlice::new(descs),
+            IoSlice::new(frame.payload),
+        ];
+        let mut iov: &mut [IoSlice<'_>] = &mut iov;
+        let all_fds: Vec<BorrowedFd<'_>> = frame.regions.iter().filter_map(|r| r.fd).collect();
+        let mut fds: &[BorrowedFd<'_>] = &all_fds;
+        let mut started = false;
+        while !iov.is_empty() {
+            let fail = |error| WriteError { started, error };
+            match sys::send_msg(sock, iov, fds) {
+                Ok(n) => {
+                    started = true;
+                    fds = &[];
+                    IoSlice::advance_slices(&mut iov, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(sock, started).map_err(fail)?
+                }
+                Err(e) => return Err(fail(send_error(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the stream in this direction: the peer reads end-of-file after
+    /// what was sent.
+    pub(crate) fn shutdown(&self) {
+        // Already shut or disconnected: nothing left to end.
+        let _ = self.sock.shutdown(Shutdown::Write);
+    }
+}
+
+impl UnixRx {
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    pub(crate) fn fill(&mut self, limits: &Limits, blocking: Blocking) -> Result<bool> {
+        self.reader.fill(self.sock.as_fd(), limits, blocking)
+    }
+
+    pub(crate) fn take(&mut self) -> InFrame<'_> {
+        let frame = self.reader.take();
+        InFrame {
+            header: frame.header,
+            body: self.reader.body(),
+            fds: frame.fds,
+            truncated: frame.truncated,
+        }
+    }
+}
+
+fn send_error(err: io::Error) -> Error {
+    if sys::is_peer_gone(&err) {
+        Error::Disconnected
+    } else {
+        Error::Send(err)
+    }
+}
 
 /// Bytes asked for per read when no large body is pending: enough for any
 /// control message or small batch of them, small enough to stay in cache.
 const READ_AHEAD_BYTES: usize = 64 * 1024;
 
 /// A frame whose bytes are all buffered; its body is `FrameReader::body()`.
-pub(crate) struct Frame {
-    pub(crate) header: FrameHeader,
-    pub(crate) fds: Vec<OwnedFd>,
+struct Frame {
+    header: FrameHeader,
+    fds: Vec<OwnedFd>,
     /// The kernel dropped some of the frame's descriptors (`MSG_CTRUNC`).
-    pub(crate) truncated: bool,
+    truncated: bool,
 }
 
 /// Descriptors from one read, and the stream offsets that read covered.
@@ -52,7 +152,7 @@ struct Pending {
 }
 
 #[derive(Default)]
-pub(crate) struct FrameReader {
+struct FrameReader {
     /// Bytes read but not yet used: `ahead[ahead_start..ahead_end]`.
     /// Allocated at the first read, [`READ_AHEAD_BYTES`] long.
     ahead: Box<[u8]>,
@@ -71,27 +171,11 @@ pub(crate) struct FrameReader {
     broken: Option<String>,
 }
 
-/// Whether `fill` may read, and whether a read may wait for data.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Blocking {
-    /// Read, waiting for data.
-    Yes,
-    /// Read what is there; stop when the socket is empty.
-    No,
-    /// Do not read: only use bytes already read ahead.
-    BufferedOnly,
-}
-
 impl FrameReader {
     /// Reads until a whole frame is buffered (true), or, without blocking,
     /// until the socket is empty (false). With `BufferedOnly`, makes what
     /// frame it can from bytes already read ahead, without a syscall.
-    pub(crate) fn fill(
-        &mut self,
-        sock: BorrowedFd<'_>,
-        limits: &Limits,
-        blocking: Blocking,
-    ) -> Result<bool> {
+    fn fill(&mut self, sock: BorrowedFd<'_>, limits: &Limits, blocking: Blocking) -> Result<bool> {
         if let Some(why) = &self.broken {
             return Err(Error::Protocol(format!(
                 "connection unusable after an earlier error: {why}"
@@ -136,7 +220,7 @@ impl FrameReader {
         let bytes = &self.ahead[self.ahead_start..self.ahead_start + HEADER_LEN];
         let header: FrameHeader = bytemuck::pod_read_unaligned(bytes);
         let body_len = header
-            .check(limits)
+            .check(limits, false)
             .inspect_err(|e| self.broken = Some(e.to_string()))?;
         self.ahead_start += HEADER_LEN;
         if self.body.len() < body_len {
@@ -229,7 +313,7 @@ impl FrameReader {
     }
 
     /// Hands out the whole frame and readies the reader for the next.
-    pub(crate) fn take(&mut self) -> Frame {
+    fn take(&mut self) -> Frame {
         let pending = self.pending.take().expect("take() without a whole frame");
         self.done_len = pending.body_len;
         let end = pending.start + (HEADER_LEN + pending.body_len) as u64;
@@ -242,7 +326,7 @@ impl FrameReader {
     }
 
     /// The body (descriptors + payload) of the frame last taken.
-    pub(crate) fn body(&self) -> &[u8] {
+    fn body(&self) -> &[u8] {
         &self.body[..self.done_len]
     }
 
