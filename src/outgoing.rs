@@ -14,7 +14,7 @@ use bytemuck::Zeroable;
 
 use crate::buffer::{BufView, Forward, Outgoing, SharedBuf};
 use crate::codec::{AttachmentDesc, attach};
-use crate::error::SendError;
+use crate::send_error::SendError;
 use crate::shm::{PoolLease, PoolShared};
 use crate::sys::Mapping;
 use crate::tensor::Attachment;

@@ -160,7 +160,7 @@ impl Receiver {
     /// ```
     /// let mut w = miniray::Worker::spawn(|h| {
     ///     let t = miniray::Tensor::from_slice(&[1u8, 2, 3], &[3])?;
-    ///     h.send_attached(&"t", vec![t.into()]).map_err(Into::into)
+    ///     h.send_attached(&"t".to_string(), vec![t.into()]).map_err(Into::into)
     /// })?;
     /// let (name, mut parts) = w.split().1.recv_attached::<String>()?;
     /// assert_eq!(name, "t");

@@ -9,7 +9,7 @@ use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::codec::{self, ExitPrefix, FrameHeader, Hello, Limits, Message};
-use crate::error::SendError;
+use crate::send_error::SendError;
 use crate::outgoing::{PoolPeer, Prepared};
 use crate::peer::Peer;
 use crate::shm::PoolShared;

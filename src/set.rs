@@ -5,7 +5,7 @@ use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
 use crate::codec::{self, Message};
-use crate::error::SendError;
+use crate::send_error::SendError;
 use crate::outgoing::Prepared;
 use crate::status::ExitStatus;
 use crate::sys::{self, PollFd};

@@ -302,7 +302,7 @@ macro_rules! verbs {
         /// ```
         /// let mut w = miniray::Worker::spawn(|h| {
         ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2])?;
-        ///     h.send_attached(&"b", vec![buf.into()]).map_err(Into::into)
+        ///     h.send_attached(&"b".to_string(), vec![buf.into()]).map_err(Into::into)
         /// })?;
         /// let (name, parts) = w.recv_attached::<String>()?;
         /// assert_eq!((name.as_str(), parts[0].as_bytes().len()), ("b", 8));
