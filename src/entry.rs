@@ -177,12 +177,7 @@ pub(crate) fn capture_panics() {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             if IN_WORKER.load(Ordering::Relaxed) {
-                let message = info
-                    .payload()
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic with a non-string payload".into());
+                let message = panic_message(info.payload());
                 let text = match info.location() {
                     Some(at) => format!("panicked at {at}: {message}"),
                     None => format!("panicked: {message}"),
@@ -204,9 +199,13 @@ where
     let (code, last_word) = match &outcome {
         Ok(Ok(())) => (0, None),
         Ok(Err(err)) => (EXIT_ERROR, Some(error_text(err))),
-        Err(_) => {
+        Err(payload) => {
+            // The hook's text has the location; a hook the worker set in
+            // place of ours leaves only the payload.
             let text = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-            (EXIT_PANIC, Some(text.unwrap_or_else(|| "panicked".into())))
+            let text =
+                text.unwrap_or_else(|| format!("panicked: {}", panic_message(payload.as_ref())));
+            (EXIT_PANIC, Some(text))
         }
     };
     if let Some(text) = &last_word {
@@ -224,6 +223,15 @@ where
         report("function", err, EXIT_ERROR);
     } // A panic's hook already printed its message.
     code
+}
+
+/// The text a panic was raised with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into())
 }
 
 /// An error and its causes, on one line.

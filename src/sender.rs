@@ -9,9 +9,9 @@ use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::codec::{self, ExitPrefix, FrameHeader, Hello, Limits, Message};
-use crate::send_error::SendError;
 use crate::outgoing::{PoolPeer, Prepared};
 use crate::peer::Peer;
+use crate::send_error::SendError;
 use crate::shm::PoolShared;
 use crate::sys::{self, PollFd};
 use crate::tensor::Attachment;
@@ -30,8 +30,9 @@ use crate::{Error, Result};
 /// as the peer lives, `try_send` never waits before the frame starts
 /// ([`Error::Full`] if the connection has no room), `send_timeout` and
 /// `send_deadline` wait until a time. A frame that has started to leave is
-/// always finished: if its time runs out half-way, the half is unusable
-/// afterwards (a partial frame cannot be taken back).
+/// given up to one more second to finish (a partial frame cannot be taken
+/// back); if it still cannot, the send fails with [`Error::Timeout`] and
+/// this half is unusable afterwards.
 ///
 /// # Examples
 ///
@@ -505,19 +506,35 @@ impl fmt::Debug for Sender {
     }
 }
 
+/// Once part of a frame is out, how much longer than its wait allowed the
+/// rest may take: a frame cut off leaves the connection unusable, so a
+/// send that began is given a moment to finish rather than given up at once.
+const FINISH_GRACE: Duration = Duration::from_secs(1);
+
 /// Writes one frame, waiting for room as `wait` allows and watching the
 /// peer's liveness meanwhile.
 fn write(tx: &mut Tx, frame: &OutFrame<'_>, peer: &Peer, wait: Wait) -> Result<(), WriteError> {
     let mut waited = false;
+    let mut finishing = None;
     tx.write_frame(frame, &mut |sock, started| {
         let wait = match (wait, started) {
-            // A frame that has started is finished, as long as the peer lives.
-            (Wait::Now, true) => Wait::Forever,
             (Wait::Now, false) => return Err(Error::Full),
-            (other, _) => other,
+            (Wait::Forever, _) | (_, false) => wait,
+            (_, true) => *finishing.get_or_insert_with(|| finish_within(wait)),
         };
         wait_writable(sock, peer.exit_fd(), wait, &mut waited)
     })
+}
+
+/// The wait for the rest of a frame that began under `wait`.
+fn finish_within(wait: Wait) -> Wait {
+    let left = wait.remaining().unwrap_or(Duration::ZERO);
+    match wait {
+        Wait::Until(_, timeout) => {
+            Wait::Until(std::time::Instant::now() + left + FINISH_GRACE, timeout)
+        }
+        _ => Wait::timeout(FINISH_GRACE),
+    }
 }
 
 fn wait_writable(

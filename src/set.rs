@@ -5,8 +5,8 @@ use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
 use crate::codec::{self, Message};
-use crate::send_error::SendError;
 use crate::outgoing::Prepared;
+use crate::send_error::SendError;
 use crate::status::ExitStatus;
 use crate::sys::{self, PollFd};
 use crate::tensor::{Attachment, Received};

@@ -32,6 +32,7 @@ fn main() {
         ("list_fds", list_fds),
         ("panics", panics),
         ("fails", fails),
+        ("add", add),
     ]);
     let _threads = start_background_threads();
     let cases = [
@@ -41,6 +42,7 @@ fn main() {
         case!(unknown_entry_spawns_nothing),
         case!(panicking_entry_is_exit_101),
         case!(failing_entry_is_exit_1),
+        case!(a_set_mixes_forked_and_execd_workers),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -111,6 +113,14 @@ fn fails(_: &mut Handle) -> miniray::Result<()> {
     Err(Error::Protocol("the exec'd worker gives up".into()))
 }
 
+/// Receives a base and a pooled tensor; answers with base + the sum.
+fn add(h: &mut Handle) -> miniray::Result<()> {
+    let (base, mut parts) = h.recv_attached_timeout::<u64>(util::STEP)?;
+    let t = parts.remove(0).into_tensor()?;
+    let sum: u64 = t.as_slice::<u64>()?.iter().sum();
+    h.send(&(base + sum, std::process::id()))
+}
+
 // -- cases (run in the parent) ------------------------------------------------
 
 fn echo_round_trip() {
@@ -172,8 +182,13 @@ fn panicking_entry_is_exit_101() {
     let got = w.recv_timeout::<u32>(util::STEP);
     let pid = w.pid();
     assert!(
-        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(101), .. }) if p == pid),
+        matches!(&got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(101), .. }) if *p == pid),
         "{got:?}"
+    );
+    let text = got.expect_err("died").to_string();
+    assert!(
+        text.contains("panicked: a deliberate panic in an exec'd worker"),
+        "the panic message reaches the parent: {text}"
     );
 }
 
@@ -182,7 +197,56 @@ fn failing_entry_is_exit_1() {
     let got = w.recv_timeout::<u32>(util::STEP);
     let pid = w.pid();
     assert!(
-        matches!(got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(1), .. }) if p == pid),
+        matches!(&got, Err(Error::WorkerDied { pid: p, status: ExitStatus::Exited(1), .. }) if *p == pid),
         "{got:?}"
+    );
+    let text = got.expect_err("died").to_string();
+    assert!(
+        text.ends_with("exited with code 1: protocol error: the exec'd worker gives up"),
+        "the worker's error reaches the parent: {text}"
+    );
+}
+
+/// One set holds forked and exec'd workers; a pooled tensor is broadcast
+/// to all of them, and each answers through `recv_any`.
+fn a_set_mixes_forked_and_execd_workers() {
+    let pool = miniray::BufferPool::new(1, 4096).expect("pool");
+    let mut set = miniray::Workers::default();
+    for i in 0..4 {
+        let w = match i % 2 {
+            0 => Worker::exec("add"),
+            _ => Worker::spawn(add),
+        };
+        set.push(w.expect("start a worker"));
+    }
+    let mut t = miniray::Tensor::from_buf(pool.acquire().expect("slot"), miniray::DType::U64, &[4])
+        .expect("tensor");
+    t.as_mut_slice::<u64>()
+        .expect("u64")
+        .copy_from_slice(&[1, 2, 3, 4]);
+    set.send_all_attached(&100u64, vec![t.into()])
+        .expect("broadcast");
+    let mut pids = Vec::new();
+    for _ in 0..4 {
+        let (index, (total, pid)) = set
+            .recv_any_timeout::<(u64, u32)>(util::STEP)
+            .expect("an answer");
+        assert_eq!(total, 110);
+        assert_eq!(
+            pid,
+            set[index].pid(),
+            "answer {index} came from worker {index}"
+        );
+        pids.push(pid);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "every worker answered once");
+    let statuses = set.wait_all_timeout(util::STEP).expect("all exit");
+    assert!(statuses.iter().all(ExitStatus::success), "{statuses:?}");
+    assert_eq!(
+        pool.available(),
+        1,
+        "the broadcast slot came back from all four"
     );
 }

@@ -77,7 +77,11 @@ fn module_graph() -> Graph {
             }
             let relative = path.strip_prefix(&src).expect("under src");
             let first = relative.components().next().expect("a component");
-            let module = first.as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
+            let module = first
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string();
             if module == "lib" {
                 continue;
             }
@@ -145,7 +149,12 @@ fn the_module_graph_has_no_cycle() {
 #[test]
 fn sys_imports_nothing_of_the_crate() {
     let graph = module_graph();
-    assert_eq!(graph["sys"], BTreeSet::new(), "sys depends on {:?}", graph["sys"]);
+    assert_eq!(
+        graph["sys"],
+        BTreeSet::new(),
+        "sys depends on {:?}",
+        graph["sys"]
+    );
 }
 
 #[test]
