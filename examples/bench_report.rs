@@ -4,8 +4,8 @@
 //! times drift while ratios measured side by side hold.
 //!
 //! Prints a table and the performance targets met or missed, writes the
-//! results as JSON (`--json PATH`) and draws hand-off time against size
-//! (`--svg PATH`, by default `docs/handoff.svg` in the crate).
+//! results as JSON (`--json PATH`) and, when asked, draws hand-off time
+//! against size (`--svg PATH`; nothing is written unless a path is given).
 //!
 //! Options: `--quick` (a couple of minutes), `--json PATH`, `--svg PATH`.
 
@@ -68,24 +68,24 @@ const WARM_UP_MIN_RUNS: usize = 2;
 struct Options {
     budget: Budget,
     json: Option<PathBuf>,
-    svg: PathBuf,
+    svg: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut options = Options {
         budget: FULL,
         json: None,
-        svg: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/handoff.svg"),
+        svg: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.budget = QUICK,
             "--json" => options.json = Some(args.next().ok_or("--json needs a path")?.into()),
-            "--svg" => options.svg = args.next().ok_or("--svg needs a path")?.into(),
+            "--svg" => options.svg = Some(args.next().ok_or("--svg needs a path")?.into()),
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; try --quick --json PATH"
+                    "unknown argument {other:?}; try --quick --json PATH --svg PATH"
                 ));
             }
         }
@@ -655,8 +655,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         std::fs::write(path, json + "\n")?;
         println!("\nwrote {}", path.display());
     }
-    draw(&results, &options.svg)?;
-    println!("drew {}", options.svg.display());
+    if let Some(path) = &options.svg {
+        draw(&results, path)?;
+        println!("drew {}", path.display());
+    }
     println!("report took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

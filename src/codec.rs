@@ -743,6 +743,13 @@ mod tests {
     }
 
     #[test]
+    fn fingerprints_are_fnv1a_of_the_type_name_as_documented() {
+        // Values from docs/PROTOCOL.md's algorithm, computed independently.
+        assert_eq!(fingerprint::<u64>(), 0x4d35_d319_3e8d_66f2);
+        assert_eq!(fingerprint::<String>(), 0x76e2_6e91_21e0_2e46);
+    }
+
+    #[test]
     fn exit_text_is_cut_on_a_char_boundary() {
         let long = "é".repeat(MAX_EXIT_TEXT_BYTES);
         let cut = truncate_exit_text(&long);

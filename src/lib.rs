@@ -141,3 +141,8 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/ZERO_COPY.md")]
 struct ZeroCopyDoctests;
+
+/// And the testing guide's (compiled, not run: they are whole programs).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/TESTING.md")]
+struct TestingDoctests;
