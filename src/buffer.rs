@@ -113,11 +113,26 @@ impl SharedBuf {
     }
 
     /// Length in bytes (what a send hands over).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let buf = miniray::SharedBuf::new(100)?;
+    /// assert_eq!(buf.len(), 100);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the buffer holds no bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(miniray::SharedBuf::new(0)?.is_empty());
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -126,6 +141,15 @@ impl SharedBuf {
     ///
     /// # Panics
     /// If `len_bytes` is larger than the current length.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut buf = miniray::SharedBuf::from_slice(&[1u8, 2, 3, 4])?;
+    /// buf.truncate(2);
+    /// assert_eq!(buf.as_bytes(), &[1, 2]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn truncate(&mut self, len_bytes: usize) {
         assert!(
             len_bytes <= self.len,
@@ -136,6 +160,14 @@ impl SharedBuf {
     }
 
     /// The bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let buf = miniray::SharedBuf::from_slice(b"abc")?;
+    /// assert_eq!(buf.as_bytes(), b"abc");
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_bytes(&self) -> &[u8] {
         let ptr = self.data_ptr();
         if ptr.is_null() {
@@ -148,6 +180,15 @@ impl SharedBuf {
     }
 
     /// The bytes, writable.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut buf = miniray::SharedBuf::new(3)?;
+    /// buf.as_bytes_mut().copy_from_slice(b"xyz");
+    /// assert_eq!(buf.as_bytes(), b"xyz");
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         let ptr = self.data_ptr();
         if ptr.is_null() {
@@ -162,6 +203,15 @@ impl SharedBuf {
     ///
     /// # Errors
     /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let buf = miniray::SharedBuf::from_slice(&[1.5f64, 2.5])?;
+    /// assert_eq!(buf.as_slice::<f64>()?, &[1.5, 2.5]);
+    /// assert!(buf.as_slice::<[u8; 3]>().is_err()); // 16 bytes are not 3-byte items
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_slice<T: Pod>(&self) -> Result<&[T]> {
         cast(self.as_bytes())
     }
@@ -170,6 +220,15 @@ impl SharedBuf {
     ///
     /// # Errors
     /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut buf = miniray::SharedBuf::new(8)?;
+    /// buf.as_mut_slice::<u32>()?.copy_from_slice(&[7, 9]);
+    /// assert_eq!(buf.as_slice::<u32>()?, &[7, 9]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_mut_slice<T: Pod>(&mut self) -> Result<&mut [T]> {
         bytemuck::try_cast_slice_mut(self.as_bytes_mut()).map_err(|e| Error::View(e.to_string()))
     }
@@ -400,16 +459,61 @@ impl BufView {
     }
 
     /// Length in bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    ///     h.send_attached(&(), vec![buf.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let view = parts.remove(0).into_buf();
+    /// assert_eq!(view.len(), 12);
+    /// # drop(view); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the view holds no bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    ///     h.send_attached(&(), vec![buf.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let view = parts.remove(0).into_buf();
+    /// assert!(!view.is_empty());
+    /// # drop(view); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    ///     h.send_attached(&(), vec![buf.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let view = parts.remove(0).into_buf();
+    /// assert_eq!(&view.as_bytes()[..4], &1u32.to_ne_bytes());
+    /// # drop(view); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_bytes(&self) -> &[u8] {
         let ptr = match &self.backing {
             ViewBacking::Empty { .. } => return &[],
@@ -427,11 +531,41 @@ impl BufView {
     ///
     /// # Errors
     /// [`Error::View`] if the length is not a multiple of `size_of::<T>()`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    ///     h.send_attached(&(), vec![buf.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let view = parts.remove(0).into_buf();
+    /// assert_eq!(view.as_slice::<u32>()?, &[1, 2, 3]);
+    /// # drop(view); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_slice<T: Pod>(&self) -> Result<&[T]> {
         cast(self.as_bytes())
     }
 
     /// Whether this view is a pool slot (returned to the pool on drop).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let buf = miniray::SharedBuf::from_slice(&[1u32, 2, 3])?;
+    ///     h.send_attached(&(), vec![buf.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let view = parts.remove(0).into_buf();
+    /// assert!(!view.is_pooled()); // a fresh region, not a pool slot
+    /// # drop(view); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn is_pooled(&self) -> bool {
         matches!(self.backing, ViewBacking::Pooled { .. })
     }

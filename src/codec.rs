@@ -301,6 +301,13 @@ impl<T> Message for T where
 /// the same program), and type names are not promised stable across
 /// compiler versions: both sides should be built from the same source with
 /// the same toolchain, as one binary re-executed always is.
+///
+/// # Examples
+///
+/// ```
+/// assert_ne!(miniray::fingerprint::<u64>(), miniray::fingerprint::<String>());
+/// assert_eq!(miniray::fingerprint::<u64>(), 0x4d35_d319_3e8d_66f2);
+/// ```
 pub fn fingerprint<T: ?Sized>() -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

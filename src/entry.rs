@@ -32,6 +32,16 @@ pub(crate) const EXIT_ORPHANED: i32 = 2;
 pub(crate) const EXIT_PANIC: i32 = 101;
 
 /// The function an exec-mode worker runs.
+///
+/// # Examples
+///
+/// ```
+/// fn train(h: &mut miniray::Handle) -> miniray::Result<()> {
+///     h.send(&"ready".to_string())
+/// }
+/// let entries: [(&str, miniray::EntryFn); 1] = [("train", train)];
+/// assert_eq!(entries[0].0, "train");
+/// ```
 pub type EntryFn = fn(&mut Handle) -> Result<()>;
 
 /// How long a failing worker waits for room to tell its parent why: a

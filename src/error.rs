@@ -8,6 +8,18 @@ use crate::status::ExitStatus;
 ///
 /// Operating failures (a dead peer, bad bytes, a full pool, a descriptor
 /// limit) are values of this type; none of them panics.
+///
+/// # Examples
+///
+/// ```
+/// let mut w = miniray::Worker::spawn(|h| h.recv::<()>())?;
+/// w.kill()?;
+/// match w.recv::<u32>() {
+///     Err(miniray::Error::WorkerDied { status, .. }) => assert_eq!(status.signal(), Some(9)),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok::<(), miniray::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -157,6 +169,19 @@ pub enum Error {
 }
 
 /// `Result` with [`Error`].
+///
+/// # Examples
+///
+/// ```
+/// fn double(w: &mut miniray::Worker) -> miniray::Result<u64> {
+///     w.send(&21u64)?;
+///     w.recv()
+/// }
+/// let mut w = miniray::Worker::spawn(|h| { let x: u64 = h.recv()?; h.send(&(x * 2)) })?;
+/// assert_eq!(double(&mut w)?, 42);
+/// # w.wait()?;
+/// # Ok::<(), miniray::Error>(())
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

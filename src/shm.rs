@@ -26,13 +26,26 @@ use crate::{Error, Result};
 
 /// Most slots in one pool: the control block stays within three pages, and
 /// a pool is a handful of in-flight batches, not an allocator.
+///
+/// # Examples
+///
+/// ```
+/// assert!(miniray::BufferPool::new(miniray::MAX_POOL_SLOTS, 64).is_ok());
+/// # Ok::<(), miniray::Error>(())
+/// ```
 pub const MAX_POOL_SLOTS: u32 = 1024;
 /// Most peers holding slots of one pool at once: one bit each in a slot's
 /// 64-bit hold word.
+///
+/// # Examples
+///
+/// ```
+/// assert_eq!(miniray::MAX_POOL_SEATS, 64);
+/// ```
 pub const MAX_POOL_SEATS: u32 = 64;
 /// Most pools one link accepts from its peer; each costs two mappings and
 /// one descriptor.
-pub const MAX_POOLS_PER_LINK: usize = 64;
+pub(crate) const MAX_POOLS_PER_LINK: usize = 64;
 
 const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MRAYPOOL");
 const POOL_VERSION: u32 = 2;

@@ -9,6 +9,16 @@ use crate::codec::MAX_DIMS;
 use crate::{Error, Result};
 
 /// Element type of a tensor. Half-precision types are carried as raw `u16`.
+///
+/// # Examples
+///
+/// ```
+/// use miniray::{DType, Tensor};
+/// let t = Tensor::zeros(DType::BF16, &[2])?;
+/// assert_eq!(t.dtype(), DType::BF16);
+/// assert_eq!(t.as_slice::<u16>()?, &[0, 0]); // half types read as raw u16
+/// # Ok::<(), miniray::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DType {
@@ -55,6 +65,13 @@ impl DType {
     ];
 
     /// Bytes per element.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(miniray::DType::BF16.size_bytes(), 2);
+    /// assert_eq!(miniray::DType::F64.size_bytes(), 8);
+    /// ```
     pub fn size_bytes(self) -> usize {
         match self {
             DType::U8 | DType::I8 => 1,
@@ -95,6 +112,17 @@ impl DType {
 ///
 /// Implemented for the primitive numbers; `u16` also reads `F16` and `BF16`
 /// tensors, whose bits it carries unchanged.
+///
+/// # Examples
+///
+/// ```
+/// fn total<T: miniray::Element + Into<f64>>(t: &miniray::Tensor) -> miniray::Result<f64> {
+///     Ok(t.as_slice::<T>()?.iter().map(|&x| x.into()).sum())
+/// }
+/// let t = miniray::Tensor::from_slice(&[1.0f32, 2.0], &[2])?;
+/// assert_eq!(total::<f32>(&t)?, 3.0);
+/// # Ok::<(), miniray::Error>(())
+/// ```
 pub trait Element: Pod {
     /// The dtype a tensor built from `Self` gets.
     const DTYPE: DType;
@@ -168,6 +196,20 @@ pub struct Tensor<B = SharedBuf> {
 }
 
 /// A received tensor: read-only and zero-copy.
+///
+/// # Examples
+///
+/// ```
+/// let mut w = miniray::Worker::spawn(|h| {
+///     let ((), mut parts) = h.recv_attached::<()>()?;
+///     let t: miniray::TensorView = parts.remove(0).into_tensor()?;
+///     h.send(&t.numel())
+/// })?;
+/// w.send_attached(&(), vec![miniray::Tensor::zeros(miniray::DType::U8, &[5])?.into()])?;
+/// assert_eq!(w.recv::<usize>()?, 5);
+/// # w.wait()?;
+/// # Ok::<(), miniray::Error>(())
+/// ```
 pub type TensorView = Tensor<BufView>;
 
 mod sealed {
@@ -191,16 +233,40 @@ mod sealed {
 
 impl<B: sealed::Bytes> Tensor<B> {
     /// Element type.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::from_slice(&[1u8, 2], &[2])?;
+    /// assert_eq!(t.dtype(), miniray::DType::U8);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
     /// Dimensions, outermost first.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::zeros(miniray::DType::F32, &[4, 2])?;
+    /// assert_eq!(t.shape(), &[4, 2]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
     /// Number of elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::zeros(miniray::DType::F32, &[4, 2])?;
+    /// assert_eq!(t.numel(), 8);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -209,12 +275,30 @@ impl<B: sealed::Bytes> Tensor<B> {
     ///
     /// # Errors
     /// [`Error::View`] if `T` does not match the dtype.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::from_slice(&[1.0f32, 2.0], &[2])?;
+    /// assert_eq!(t.as_slice::<f32>()?, &[1.0, 2.0]);
+    /// assert!(t.as_slice::<u32>().is_err()); // not the tensor's dtype
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
         check_reads::<T>(self.dtype)?;
         bytemuck::try_cast_slice(self.buf.bytes()).map_err(|e| Error::View(e.to_string()))
     }
 
     /// The buffer underneath.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = miniray::Tensor::from_slice(&[1u16, 2], &[2])?;
+    /// let buf: miniray::SharedBuf = t.into_buf();
+    /// assert_eq!(buf.len(), 4);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn into_buf(self) -> B {
         self.buf
     }
@@ -226,6 +310,15 @@ impl Tensor {
     /// # Errors
     /// [`Error::View`] for a shape over 8 dimensions or one that overflows;
     /// otherwise as [`SharedBuf::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut t = miniray::Tensor::zeros(miniray::DType::I64, &[3])?;
+    /// t.as_mut_slice::<i64>()?[2] = -1;
+    /// assert_eq!(t.as_slice::<i64>()?, &[0, 0, -1]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let buf = SharedBuf::new(byte_len(dtype, shape)?)?;
         Ok(Tensor {
@@ -268,6 +361,16 @@ impl Tensor {
     ///
     /// # Errors
     /// [`Error::View`] if the buffer is smaller than the shape needs.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let pool = miniray::BufferPool::new(1, 4096)?;
+    /// let t = miniray::Tensor::from_buf(pool.acquire()?, miniray::DType::F32, &[16, 16])?;
+    /// assert_eq!(t.numel(), 256);
+    /// assert!(miniray::Tensor::from_buf(miniray::SharedBuf::new(8)?, miniray::DType::F32, &[4]).is_err());
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn from_buf(mut buf: SharedBuf, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let len = byte_len(dtype, shape)?;
         if len > buf.len() {
@@ -288,6 +391,15 @@ impl Tensor {
     ///
     /// # Errors
     /// [`Error::View`] if `T` does not match the dtype.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut t = miniray::Tensor::zeros(miniray::DType::F64, &[2])?;
+    /// t.as_mut_slice::<f64>()?.fill(0.5);
+    /// assert_eq!(t.as_slice::<f64>()?, &[0.5, 0.5]);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         check_reads::<T>(self.dtype)?;
         self.buf.as_mut_slice()
@@ -415,6 +527,21 @@ impl Attachment {
 }
 
 /// An attachment as received, in the order it was attached.
+///
+/// # Examples
+///
+/// ```
+/// let mut w = miniray::Worker::spawn(|h| {
+///     let ((), parts) = h.recv_attached::<()>()?;
+///     let kinds: Vec<bool> = parts.iter().map(|p| matches!(p, miniray::Received::Tensor(_))).collect();
+///     h.send(&kinds)
+/// })?;
+/// let parts = vec![miniray::SharedBuf::new(4)?.into(), miniray::Tensor::zeros(miniray::DType::U8, &[4])?.into()];
+/// w.send_attached(&(), parts)?;
+/// assert_eq!(w.recv::<Vec<bool>>()?, [false, true]);
+/// # w.wait()?;
+/// # Ok::<(), miniray::Error>(())
+/// ```
 #[derive(Debug)]
 pub enum Received {
     /// Plain bytes.
@@ -428,6 +555,21 @@ impl Received {
     ///
     /// # Errors
     /// [`Error::View`] if the sender attached a plain buffer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let t = miniray::Tensor::from_slice(&[1i32, 2, 3, 4, 5, 6], &[2, 3])?;
+    ///     h.send_attached(&(), vec![t.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let t = parts.remove(0).into_tensor()?;
+    /// assert_eq!((t.shape(), t.as_slice::<i32>()?[5]), (&[2usize, 3][..], 6));
+    /// # drop(t); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn into_tensor(self) -> Result<TensorView> {
         match self {
             Received::Tensor(t) => Ok(t),
@@ -438,6 +580,21 @@ impl Received {
     }
 
     /// The bytes, whether sent as a buffer or a tensor.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let t = miniray::Tensor::from_slice(&[1i32, 2, 3, 4, 5, 6], &[2, 3])?;
+    ///     h.send_attached(&(), vec![t.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// let bytes = parts.remove(0).into_buf(); // the tensor's bytes, dtype dropped
+    /// assert_eq!(bytes.len(), 24);
+    /// # drop(bytes); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn into_buf(self) -> BufView {
         match self {
             Received::Tensor(t) => t.into_buf(),
@@ -446,6 +603,20 @@ impl Received {
     }
 
     /// The bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut w = miniray::Worker::spawn(|h| {
+    ///     let t = miniray::Tensor::from_slice(&[1i32, 2, 3, 4, 5, 6], &[2, 3])?;
+    ///     h.send_attached(&(), vec![t.into()])?;
+    ///     Ok(())
+    /// })?;
+    /// let ((), mut parts) = w.recv_attached::<()>()?;
+    /// assert_eq!(parts[0].as_bytes().len(), 24);
+    /// # drop(parts); w.wait()?;
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Received::Tensor(t) => t.buf.as_bytes(),
