@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytemuck::Pod;
 
-use crate::shm::{PoolLease, PoolMapping, check_sealed};
+use crate::shm::{PoolLease, PoolMapping, check_region_size, check_sealed};
 use crate::sys::{self, MapOptions, Mapping};
 use crate::{Error, Result};
 
@@ -396,9 +396,15 @@ pub(crate) enum Forward<'a> {
 impl BufView {
     /// Maps a received memfd read-only after checking its seals. The
     /// descriptor is closed at once unless `keep_fd` (to forward the view).
-    pub(crate) fn from_memfd(fd: OwnedFd, len: usize, keep_fd: bool) -> Result<BufView> {
+    pub(crate) fn from_memfd(
+        fd: OwnedFd,
+        len: usize,
+        keep_fd: bool,
+        max_region_bytes: u64,
+    ) -> Result<BufView> {
         check_sealed(&fd)?;
         let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
+        check_region_size(size, max_region_bytes)?;
         if len as u64 > size {
             return Err(Error::Protocol(format!(
                 "attachment of {len} bytes in a region of {size} bytes"

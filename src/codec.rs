@@ -12,10 +12,15 @@ use std::mem::{offset_of, size_of};
 
 use bytemuck::{Pod, Zeroable};
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::api::{access_with_context, deserialize_using};
 use rkyv::bytecheck::CheckBytes;
+use rkyv::de::Pool;
 use rkyv::rancor;
 use rkyv::ser::allocator::{Arena, ArenaHandle};
 use rkyv::util::AlignedVec;
+use rkyv::validation::Validator;
+use rkyv::validation::archive::ArchiveValidator;
+use rkyv::validation::shared::SharedValidator;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -138,8 +143,14 @@ pub struct Hello {
     pub max_attachments: u32,
     /// The sender's process id (informational).
     pub pid: u32,
+    /// The sender's [`Limits::max_region_bytes`].
+    pub max_region_bytes: u64,
+    /// The sender's [`Limits::max_depth`].
+    pub max_depth: u32,
     /// Reserved, zero.
-    pub reserved: [u64; 3],
+    pub reserved: u32,
+    /// Reserved, zero.
+    pub reserved2: u64,
 }
 
 /// The fixed start of an EXIT frame's body; UTF-8 error text follows.
@@ -186,7 +197,10 @@ const _: () = {
     assert!(offset_of!(Hello, max_payload_bytes) == 8);
     assert!(offset_of!(Hello, max_attachments) == 16);
     assert!(offset_of!(Hello, pid) == 20);
-    assert!(offset_of!(Hello, reserved) == 24);
+    assert!(offset_of!(Hello, max_region_bytes) == 24);
+    assert!(offset_of!(Hello, max_depth) == 32);
+    assert!(offset_of!(Hello, reserved) == 36);
+    assert!(offset_of!(Hello, reserved2) == 40);
     assert!(EXIT_PREFIX_LEN == 8);
 };
 
@@ -197,6 +211,15 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_ATTACHMENTS: u32 = 64;
 /// The kernel's `SCM_MAX_FD`: most descriptors one `sendmsg` can carry.
 pub const MAX_ATTACHMENTS_PER_FRAME: u32 = 253;
+/// Nesting a message may have (boxes, vectors, strings inside one another):
+/// real messages nest a handful of levels; validating and deserializing
+/// recurse once per level, and 128 levels stay far inside the smallest
+/// default thread stack (2 MiB) even in a debug build.
+pub const DEFAULT_MAX_DEPTH: u32 = 128;
+/// Largest shared region accepted, per attachment and per pool: far above
+/// any one batch or model shard a worker is handed, far below what a
+/// sparse region claiming terabytes could make a reader fault in.
+pub const DEFAULT_MAX_REGION_BYTES: u64 = 64 << 30;
 
 /// Limits on what a peer may send; checked before anything is allocated.
 ///
@@ -220,6 +243,12 @@ pub struct Limits {
     /// Most attachments on one message (at most 253, the kernel's limit
     /// of descriptors per `sendmsg`).
     pub max_attachments: u32,
+    /// Deepest nesting of a message's archive; deeper is refused before
+    /// anything recurses into it.
+    pub max_depth: u32,
+    /// Largest shared region (one attachment, or one whole pool), checked
+    /// before it is mapped.
+    pub max_region_bytes: u64,
 }
 
 impl Default for Limits {
@@ -227,6 +256,8 @@ impl Default for Limits {
         Limits {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_attachments: DEFAULT_MAX_ATTACHMENTS,
+            max_depth: DEFAULT_MAX_DEPTH,
+            max_region_bytes: DEFAULT_MAX_REGION_BYTES,
         }
     }
 }
@@ -235,20 +266,14 @@ impl Limits {
     /// Checks the limits themselves make sense.
     ///
     /// # Panics
-    /// If `max_attachments` exceeds what one `sendmsg` can carry.
+    /// If `max_attachments` exceeds what one `sendmsg` can carry, or
+    /// `max_depth` is 0.
     pub(crate) fn assert_valid(&self) {
         assert!(
             self.max_attachments <= MAX_ATTACHMENTS_PER_FRAME,
             "max_attachments must be at most {MAX_ATTACHMENTS_PER_FRAME}"
         );
-    }
-
-    /// The stricter of two sets of limits, field by field.
-    pub(crate) fn min(&self, other: &Limits) -> Limits {
-        Limits {
-            max_payload_bytes: self.max_payload_bytes.min(other.max_payload_bytes),
-            max_attachments: self.max_attachments.min(other.max_attachments),
-        }
+        assert!(self.max_depth > 0, "max_depth must be positive");
     }
 }
 
@@ -340,12 +365,21 @@ pub(crate) fn encode<T: Message>(
 
 /// Validates and deserializes the payload of a message frame as `T`,
 /// after checking the sender's fingerprint (0, "untyped", skips it).
-pub(crate) fn decode<T: Message>(type_id: u64, payload: &[u8]) -> Result<T> {
+/// Validation refuses nesting deeper than `max_depth` before recursing into
+/// it, so deserializing what passed recurses no deeper either.
+pub(crate) fn decode<T: Message>(type_id: u64, payload: &[u8], max_depth: u32) -> Result<T> {
     let expected = std::any::type_name::<T>();
     if type_id != 0 && type_id != fingerprint::<T>() {
         return Err(Error::TypeMismatch { expected });
     }
-    rkyv::from_bytes::<T, rancor::Error>(payload).map_err(|e| {
+    let depth = std::num::NonZeroUsize::new(max_depth as usize);
+    let mut validator = Validator::new(
+        ArchiveValidator::with_max_depth(payload, depth),
+        SharedValidator::new(),
+    );
+    access_with_context::<T::Archived, _, rancor::Error>(payload, &mut validator)
+        .and_then(|archived| deserialize_using::<T, _, rancor::Error>(archived, &mut Pool::default()))
+        .map_err(|e| {
         let detail = e.to_string();
         // rkyv's text when it kept no detail tells a user nothing.
         let detail = match detail.contains("without error information") {
@@ -475,7 +509,10 @@ impl Hello {
             max_payload_bytes: limits.max_payload_bytes,
             max_attachments: limits.max_attachments,
             pid,
-            reserved: [0; 3],
+            max_region_bytes: limits.max_region_bytes,
+            max_depth: limits.max_depth,
+            reserved: 0,
+            reserved2: 0,
         }
     }
 
@@ -488,7 +525,7 @@ impl Hello {
             )));
         }
         let hello: Hello = bytemuck::pod_read_unaligned(body);
-        if hello.reserved != [0; 3] {
+        if hello.reserved != 0 || hello.reserved2 != 0 || hello.max_depth == 0 {
             return Err(Error::Protocol("reserved HELLO fields are not zero".into()));
         }
         Ok(hello)
@@ -499,6 +536,8 @@ impl Hello {
         Limits {
             max_payload_bytes: self.max_payload_bytes,
             max_attachments: self.max_attachments.min(MAX_ATTACHMENTS_PER_FRAME),
+            max_depth: self.max_depth,
+            max_region_bytes: self.max_region_bytes,
         }
     }
 }
@@ -736,7 +775,7 @@ mod tests {
         let parsed = Hello::parse(bytemuck::bytes_of(&hello)).unwrap();
         assert_eq!(parsed.limits(), Limits::default());
         let mut bad = hello;
-        bad.reserved[1] = 1;
+        bad.reserved2 = 1;
         assert!(Hello::parse(bytemuck::bytes_of(&bad)).is_err());
         assert!(Hello::parse(&[0; 10]).is_err());
     }

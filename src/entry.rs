@@ -20,7 +20,8 @@ pub(crate) const ENV_FD: &str = "MINIRAY_FD";
 /// The pid of the parent that spawned it; an inherited, stale setting
 /// (a program started by a worker) does not match and is ignored.
 pub(crate) const ENV_PARENT: &str = "MINIRAY_PARENT";
-/// The parent's [`Limits`], as `max_payload_bytes,max_attachments`.
+/// The parent's [`Limits`], as
+/// `max_payload_bytes,max_attachments,max_depth,max_region_bytes`.
 pub(crate) const ENV_LIMITS: &str = "MINIRAY_LIMITS";
 
 /// Exit code of a worker whose function returned `Err`.
@@ -123,18 +124,25 @@ fn adopt_socket() -> Result<Handle> {
 
 /// Writes `limits` for an exec'd worker's environment.
 pub(crate) fn encode_limits(limits: &Limits) -> String {
-    format!("{},{}", limits.max_payload_bytes, limits.max_attachments)
+    let l = limits;
+    format!(
+        "{},{},{},{}",
+        l.max_payload_bytes, l.max_attachments, l.max_depth, l.max_region_bytes
+    )
 }
 
 /// The limits the parent set; the defaults if absent or malformed.
 fn inherited_limits() -> Limits {
     let parse = |text: String| -> Option<Limits> {
-        let (payload, attachments) = text.split_once(',')?;
+        let mut fields = text.split(',');
         let limits = Limits {
-            max_payload_bytes: payload.parse().ok()?,
-            max_attachments: attachments.parse().ok()?,
+            max_payload_bytes: fields.next()?.parse().ok()?,
+            max_attachments: fields.next()?.parse().ok()?,
+            max_depth: fields.next()?.parse().ok()?,
+            max_region_bytes: fields.next()?.parse().ok()?,
         };
-        (limits.max_attachments <= MAX_ATTACHMENTS_PER_FRAME).then_some(limits)
+        let valid = limits.max_attachments <= MAX_ATTACHMENTS_PER_FRAME && limits.max_depth > 0;
+        (valid && fields.next().is_none()).then_some(limits)
     };
     std::env::var(ENV_LIMITS)
         .ok()

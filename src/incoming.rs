@@ -17,13 +17,14 @@ pub(crate) fn decode_attachments(
     fds: Vec<OwnedFd>,
     pools: &mut ReceivedPools,
     keep_fds: bool,
+    max_region_bytes: u64,
 ) -> (Vec<Received>, Option<Error>) {
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(desc_bytes.len() / DESC_LEN);
     let mut failed = None;
     for chunk in desc_bytes.chunks_exact(DESC_LEN) {
         let desc: AttachmentDesc = bytemuck::pod_read_unaligned(chunk);
-        match decode_one(&desc, &mut fds, pools, keep_fds) {
+        match decode_one(&desc, &mut fds, pools, (keep_fds, max_region_bytes)) {
             Ok(received) => out.push(received),
             Err(err) => failed = failed.or(Some(err)),
         }
@@ -40,7 +41,7 @@ fn decode_one(
     desc: &AttachmentDesc,
     fds: &mut impl Iterator<Item = OwnedFd>,
     pools: &mut ReceivedPools,
-    keep_fds: bool,
+    (keep_fds, max_region_bytes): (bool, u64),
 ) -> Result<Received> {
     let mut next_fd = || {
         fds.next()
@@ -53,12 +54,12 @@ fn decode_one(
         attach::MEMFD => {
             let fd = next_fd()?;
             checked?;
-            BufView::from_memfd(fd, len, keep_fds)?
+            BufView::from_memfd(fd, len, keep_fds, max_region_bytes)?
         }
         attach::POOLED => {
             let announced = match desc.flags & attach::POOL_FD {
                 0 => Ok(()),
-                _ => next_fd().and_then(|fd| pools.register(desc.pool_id, fd)),
+                _ => next_fd().and_then(|fd| pools.register(desc.pool_id, fd, max_region_bytes)),
             };
             // Looked up even if the announcement failed: an unknown pool's
             // slot is remembered, to be released once the pool is mapped.

@@ -110,10 +110,14 @@ impl Peer {
     pub(crate) fn send_limits(&self, ours: &Limits) -> Limits {
         match self.max_payload_bytes.load(Ordering::Acquire) {
             0 => *ours,
-            max_payload_bytes => ours.min(&Limits {
-                max_payload_bytes,
-                max_attachments: self.max_attachments.load(Ordering::Relaxed),
-            }),
+            max_payload_bytes => Limits {
+                max_payload_bytes: max_payload_bytes.min(ours.max_payload_bytes),
+                max_attachments: self
+                    .max_attachments
+                    .load(Ordering::Relaxed)
+                    .min(ours.max_attachments),
+                ..*ours
+            },
         }
     }
 

@@ -306,7 +306,9 @@ impl Receiver {
                     false => Err(self.gone()),
                 };
             }
-            if !sock_ready && wait.remaining() == Some(Duration::ZERO) {
+            // Checked even while data keeps arriving: a large frame is read
+            // in chunks, and its deadline holds between them.
+            if wait.remaining() == Some(Duration::ZERO) {
                 return Err(wait.expired());
             }
         }
@@ -376,8 +378,13 @@ impl Receiver {
         let (desc_bytes, payload) = frame
             .body
             .split_at(frame.header.attachments as usize * DESC_LEN);
-        let (received, failed) =
-            decode_attachments(desc_bytes, frame.fds, &mut self.pools, self.forwarding);
+        let (received, failed) = decode_attachments(
+            desc_bytes,
+            frame.fds,
+            &mut self.pools,
+            self.forwarding,
+            self.limits.max_region_bytes,
+        );
         if frame.truncated {
             // Dropping `received` releases the slots that could be decoded.
             return Err(Error::fd_limit());
@@ -385,7 +392,7 @@ impl Receiver {
         if let Some(err) = failed {
             return Err(err);
         }
-        let msg = codec::decode::<T>(frame.header.type_id, payload)?;
+        let msg = codec::decode::<T>(frame.header.type_id, payload, self.limits.max_depth)?;
         Ok(Some((msg, received)))
     }
 

@@ -471,10 +471,13 @@ pub(crate) struct PoolMapping {
 }
 
 impl PoolMapping {
-    /// Validates and maps a pool memfd received from a peer.
-    pub(crate) fn map(fd: OwnedFd, id: u64) -> Result<PoolMapping> {
+    /// Validates and maps a pool memfd received from a peer. Nothing is
+    /// faulted in: a pool's pages are the owner's, already allocated, and
+    /// a region that only claims to be a pool must not make us allocate.
+    pub(crate) fn map(fd: OwnedFd, id: u64, max_region_bytes: u64) -> Result<PoolMapping> {
         check_sealed(&fd)?;
         let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
+        check_region_size(size, max_region_bytes)?;
         let header = read_header(&fd, size)?;
         let layout = PoolLayout::check(&header, id, size)?;
         let rw = MapOptions {
@@ -484,7 +487,7 @@ impl PoolMapping {
         let ctl_map = Mapping::new(fd.as_fd(), 0, layout.control_len, rw).map_err(Error::buffer)?;
         let ro = MapOptions {
             writable: false,
-            populate: true,
+            populate: false,
         };
         let data = Mapping::new(fd.as_fd(), layout.control_len as u64, layout.data_len, ro)
             .map_err(Error::buffer)?;
@@ -616,7 +619,7 @@ impl ReceivedPools {
     /// Maps a pool the peer announced. A pool already mapped is announced
     /// again until its sender has seen a release from us: that copy of the
     /// descriptor is simply closed.
-    pub(crate) fn register(&mut self, id: u64, fd: OwnedFd) -> Result<()> {
+    pub(crate) fn register(&mut self, id: u64, fd: OwnedFd, max_region_bytes: u64) -> Result<()> {
         if self.pools.contains_key(&id) {
             return Ok(());
         }
@@ -628,7 +631,7 @@ impl ReceivedPools {
                 "more than {MAX_POOLS_PER_LINK} pools from one peer"
             )));
         }
-        let pool = Arc::new(PoolMapping::map(fd, id)?);
+        let pool = Arc::new(PoolMapping::map(fd, id, max_region_bytes)?);
         self.release_orphans(id, &pool);
         self.pools.insert(id, pool);
         Ok(())
@@ -653,6 +656,16 @@ impl ReceivedPools {
             .get(&id)
             .ok_or_else(|| Error::Protocol(format!("slot of unknown pool {id:#x}")))
     }
+}
+
+/// Refuses a region larger than the limit, before it is mapped.
+pub(crate) fn check_region_size(size: u64, max_region_bytes: u64) -> Result<()> {
+    if size > max_region_bytes {
+        return Err(Error::Protocol(format!(
+            "a shared region of {size} bytes exceeds the limit of {max_region_bytes} (Limits::max_region_bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a region whose size its sender could still change.

@@ -151,6 +151,18 @@ struct Pending {
     body_got: usize,
 }
 
+/// A frame's body buffer grows with the bytes that arrived, at least by
+/// this much at a time (and at most doubling): a header alone never makes
+/// the reader allocate what it declares.
+const MIN_BODY_GROWTH_BYTES: usize = 64 * 1024;
+/// A body buffer grown past this for one large frame is let go before the
+/// next small one, so one large frame does not pin its memory for good.
+const KEEP_BODY_BYTES: usize = 1 << 20;
+/// Most bytes one non-blocking fill reads before it returns, so that a
+/// caller with a deadline looks at its clock between chunks of a large
+/// frame.
+const MAX_FILL_BYTES: usize = 8 << 20;
+
 #[derive(Default)]
 struct FrameReader {
     /// Bytes read but not yet used: `ahead[ahead_start..ahead_end]`.
@@ -161,9 +173,11 @@ struct FrameReader {
     /// Bytes read from the socket so far (a stream offset).
     read_total: u64,
     batches: VecDeque<FdBatch>,
+    /// Descriptors held in `batches`: bounded, see [`FrameReader::account`].
+    held_fds: usize,
     pending: Option<Pending>,
     /// Descriptors + payload of the pending frame; 16-byte aligned for rkyv.
-    /// Grows, never shrinks.
+    /// Its length grows with the bytes that arrived.
     body: AlignedVec,
     /// Length of the body of the last whole frame.
     done_len: usize,
@@ -173,14 +187,30 @@ struct FrameReader {
 
 impl FrameReader {
     /// Reads until a whole frame is buffered (true), or, without blocking,
-    /// until the socket is empty (false). With `BufferedOnly`, makes what
-    /// frame it can from bytes already read ahead, without a syscall.
+    /// until the socket is empty or [`MAX_FILL_BYTES`] were read (false).
+    /// With `BufferedOnly`, makes what frame it can from bytes already read
+    /// ahead, without a syscall.
     fn fill(&mut self, sock: BorrowedFd<'_>, limits: &Limits, blocking: Blocking) -> Result<bool> {
         if let Some(why) = &self.broken {
             return Err(Error::Protocol(format!(
                 "connection unusable after an earlier error: {why}"
             )));
         }
+        let started = self.read_total;
+        let result = self.fill_until(sock, limits, blocking, started);
+        if let Err(err) = &result {
+            self.fail(err);
+        }
+        result
+    }
+
+    fn fill_until(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        limits: &Limits,
+        blocking: Blocking,
+        started: u64,
+    ) -> Result<bool> {
         loop {
             let Some(pending) = &mut self.pending else {
                 if self.ahead_len() >= HEADER_LEN {
@@ -194,6 +224,10 @@ impl FrameReader {
             if need == 0 {
                 return Ok(true);
             }
+            let read_enough = self.read_total - started >= MAX_FILL_BYTES as u64;
+            if blocking == Blocking::No && read_enough {
+                return Ok(false);
+            }
             if self.ahead_len() > 0 {
                 self.copy_ahead(need);
             } else if need >= READ_AHEAD_BYTES {
@@ -203,6 +237,21 @@ impl FrameReader {
             } else if !self.read_ahead(sock, limits, blocking)? {
                 return Ok(false);
             }
+        }
+    }
+
+    /// A framing error, a descriptor flood or the end of the stream: close
+    /// every descriptor held and let go of the buffers at once.
+    fn fail(&mut self, err: &Error) {
+        if matches!(
+            err,
+            Error::Disconnected | Error::Protocol(_) | Error::FrameTooLarge { .. }
+        ) {
+            self.batches.clear();
+            self.held_fds = 0;
+            self.body = AlignedVec::new();
+            self.ahead = Box::default();
+            (self.ahead_start, self.ahead_end) = (0, 0);
         }
     }
 
@@ -223,8 +272,8 @@ impl FrameReader {
             .check(limits, false)
             .inspect_err(|e| self.broken = Some(e.to_string()))?;
         self.ahead_start += HEADER_LEN;
-        if self.body.len() < body_len {
-            self.body.resize(body_len, 0);
+        if self.body.capacity() > KEEP_BODY_BYTES && body_len <= KEEP_BODY_BYTES {
+            self.body = AlignedVec::new();
         }
         self.pending = Some(Pending {
             header,
@@ -235,9 +284,24 @@ impl FrameReader {
         Ok(())
     }
 
+    /// Makes room for `n` more body bytes (never past the frame's end),
+    /// growing the buffer with what arrived: at most doubling, at least by
+    /// [`MIN_BODY_GROWTH_BYTES`]. Returns how many bytes fit now.
+    fn grow_body(&mut self, n: usize) -> usize {
+        let pending = self.pending.as_ref().expect("a frame is pending");
+        let got = pending.body_got;
+        let step = got.max(MIN_BODY_GROWTH_BYTES);
+        let want = (got + n.min(step)).min(pending.body_len);
+        if self.body.len() < want {
+            self.body.resize(want, 0);
+        }
+        self.body.len().min(pending.body_len) - got
+    }
+
     fn copy_ahead(&mut self, need: usize) {
+        let n = need.min(self.ahead_len());
+        let n = self.grow_body(n).min(n);
         let pending = self.pending.as_mut().expect("a frame is pending");
-        let n = need.min(self.ahead_end - self.ahead_start);
         let from = &self.ahead[self.ahead_start..self.ahead_start + n];
         self.body[pending.body_got..pending.body_got + n].copy_from_slice(from);
         pending.body_got += n;
@@ -259,7 +323,7 @@ impl FrameReader {
         self.ahead_end -= self.ahead_start;
         self.ahead_start = 0;
         let got = read(sock, &mut self.ahead[self.ahead_end..], limits, blocking);
-        let Some(n) = self.account(got)? else {
+        let Some(n) = self.account(got, limits)? else {
             return Ok(false);
         };
         self.ahead_end += n;
@@ -274,9 +338,11 @@ impl FrameReader {
         blocking: Blocking,
     ) -> Result<bool> {
         let pending = self.pending.as_ref().expect("a frame is pending");
-        let (from, to) = (pending.body_got, pending.body_len);
-        let got = read(sock, &mut self.body[from..to], limits, blocking);
-        let Some(n) = self.account(got)? else {
+        let need = pending.body_len - pending.body_got;
+        let room = self.grow_body(need);
+        let from = self.pending.as_ref().expect("a frame is pending").body_got;
+        let got = read(sock, &mut self.body[from..from + room], limits, blocking);
+        let Some(n) = self.account(got, limits)? else {
             return Ok(false);
         };
         self.pending.as_mut().expect("a frame is pending").body_got += n;
@@ -284,7 +350,12 @@ impl FrameReader {
     }
 
     /// Books a read: advances the stream offset, keeps its descriptors.
-    fn account(&mut self, got: Result<Option<Read>>) -> Result<Option<usize>> {
+    ///
+    /// Descriptors wait here until their frame is whole. An honest peer
+    /// sends a frame's descriptors with its first byte, so at most the
+    /// frame being read and one read past it hold any: more than twice one
+    /// frame's limit is a peer sending descriptors without frames for them.
+    fn account(&mut self, got: Result<Option<Read>>, limits: &Limits) -> Result<Option<usize>> {
         let read = match got {
             Ok(Some(read)) if read.len == 0 => return Err(self.eof()),
             Ok(Some(read)) => read,
@@ -294,6 +365,7 @@ impl FrameReader {
         let start = self.read_total;
         self.read_total += read.len as u64;
         if !read.fds.is_empty() || read.truncated {
+            self.held_fds += read.fds.len();
             let end = self.read_total;
             self.batches.push_back(FdBatch {
                 start,
@@ -301,6 +373,15 @@ impl FrameReader {
                 fds: read.fds,
                 truncated: read.truncated,
             });
+        }
+        let max_held = 2 * limits.max_attachments as usize;
+        if self.held_fds > max_held {
+            let why = format!(
+                "the peer sent {} descriptors not yet claimed by a frame (at most {max_held})",
+                self.held_fds
+            );
+            self.broken = Some(why.clone());
+            return Err(Error::Protocol(why));
         }
         Ok(Some(read.len))
     }
@@ -337,11 +418,13 @@ impl FrameReader {
         // Reads that ended before this frame began are orphans of a broken
         // peer; dropping them closes their descriptors.
         while self.batches.front().is_some_and(|b| b.end <= start) {
-            self.batches.pop_front();
+            let orphan = self.batches.pop_front().expect("front exists");
+            self.held_fds -= orphan.fds.len();
         }
         match self.batches.front() {
             Some(b) if b.start <= start && end >= b.end => {
                 let batch = self.batches.pop_front().expect("front exists");
+                self.held_fds -= batch.fds.len();
                 (batch.fds, batch.truncated)
             }
             _ => (Vec::new(), false),
@@ -370,6 +453,11 @@ fn read(
     let mut fds = Vec::new();
     let max_fds = limits.max_attachments as usize;
     match sys::recv_msg(sock, buf, &mut fds, max_fds, blocking == Blocking::No) {
+        // A full control buffer cut short is a peer over the limit, not
+        // this process at its descriptor limit (which delivers fewer).
+        Ok(r) if r.truncated && fds.len() >= max_fds => Err(Error::Protocol(format!(
+            "the peer attached more descriptors to one message than the limit of {max_fds}"
+        ))),
         Ok(r) => Ok(Some(Read {
             len: r.len,
             fds,

@@ -170,7 +170,7 @@ pub fn send_raw(
     fds: &[std::os::fd::RawFd],
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut control = [0u64; 32]; // u64s: aligned for cmsghdr; room for 60 fds
+    let mut control = [0u64; 130]; // u64s: aligned for cmsghdr; room for 253 fds
     let fd_bytes = std::mem::size_of_val(fds) as u32;
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
@@ -222,4 +222,22 @@ pub fn child_pids() -> Vec<u32> {
 /// Waits at most [`STEP`] for worker `w` to end and returns how it ended.
 pub fn exit_status(w: &mut miniray::Worker) -> miniray::ExitStatus {
     w.wait_timeout(STEP).expect("the worker ends in time")
+}
+
+/// A field of `/proc/self/status` in KiB (`"VmRSS"`, `"RssShmem"`, ...).
+pub fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// The worker's end of the socket as a plain blocking stream, for writing
+/// bytes the library would never send.
+pub fn raw_stream(h: &miniray::Handle) -> std::os::unix::net::UnixStream {
+    use std::os::fd::AsFd;
+    let fd = h.as_fd().try_clone_to_owned().expect("dup the socket");
+    std::os::unix::net::UnixStream::from(fd)
 }
