@@ -241,72 +241,90 @@ impl SharedBuf {
         }
     }
 
-    /// Seals a fresh region against resizing, writes and new writable
-    /// mappings before it is sent (once: a send that failed hands it back
-    /// sealed). Its writable mapping stays, to be dropped once the frame is
-    /// out (unmapping a large filled region takes milliseconds: the
-    /// receiver can start meanwhile).
+    /// Seals a fresh region before it is sent, so that its bytes are fixed
+    /// for everyone: its size (`F_SEAL_SHRINK | F_SEAL_GROW`), every write
+    /// through any mapping (`F_SEAL_WRITE`) and further seals. `F_SEAL_WRITE`
+    /// needs every writable mapping gone, so the writer's own is dropped
+    /// first. If another process still maps it writable (a worker forked
+    /// while the buffer existed inherited the mapping, and no seal can take
+    /// it away), the buffer is replaced by a sealed copy of its bytes: what
+    /// a receiver maps must never change under it.
     pub(crate) fn seal_for_send(&mut self) -> Result<()> {
-        if let Backing::Memfd { fd, sealed, .. } = &mut self.backing
-            && !*sealed
-        {
-            let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
-            sys::add_seals(fd.as_fd(), seals).map_err(Error::Buffer)?;
-            *sealed = true;
+        let len = self.len;
+        let Backing::Memfd { fd, map, sealed } = &mut self.backing else {
+            return Ok(());
+        };
+        if *sealed {
+            return Ok(());
         }
-        Ok(())
+        let mapped_len = map.as_ref().map(Mapping::len);
+        drop(map.take());
+        let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
+        match sys::add_seals(fd.as_fd(), seals) {
+            Ok(()) => {
+                *sealed = true;
+                Ok(())
+            }
+            Err(err) if sys::is_busy(&err) => {
+                let copy = sealed_copy(fd, len)?;
+                *self = copy;
+                Ok(())
+            }
+            Err(err) => {
+                // Nothing was sealed: give the writer its mapping back.
+                if let Some(mapped) = mapped_len {
+                    *map = Some(map_writable(fd, mapped)?);
+                }
+                Err(Error::Buffer(err))
+            }
+        }
     }
 
     /// Turns the buffer into what a frame carries, after
     /// [`seal_for_send`](Self::seal_for_send).
     pub(crate) fn into_outgoing(self) -> Outgoing {
         match self.backing {
-            Backing::Memfd { fd, map, sealed } => {
+            Backing::Memfd { fd, sealed, .. } => {
                 debug_assert!(sealed, "sealed before it goes out");
-                Outgoing::Memfd {
-                    fd,
-                    map,
-                    len: self.len,
-                }
+                Outgoing::Memfd(fd)
             }
-            Backing::Pooled(lease) => Outgoing::Pooled {
-                lease,
-                len: self.len,
-            },
+            Backing::Pooled(lease) => Outgoing::Pooled(lease),
         }
     }
 
-    /// The buffer a send could not deliver, as its owner had it (a fresh
-    /// region stays sealed against resizing but keeps its writable mapping).
-    pub(crate) fn from_outgoing(out: Outgoing) -> SharedBuf {
-        match out {
-            Outgoing::Memfd { fd, map, len } => SharedBuf {
-                len,
-                backing: Backing::Memfd {
-                    fd,
-                    map,
-                    sealed: true,
-                },
-            },
-            Outgoing::Pooled { lease, len } => SharedBuf {
-                len,
-                backing: Backing::Pooled(lease),
-            },
+    /// A pool slot a send could not deliver, as its owner had it.
+    pub(crate) fn from_lease(lease: PoolLease, len: usize) -> SharedBuf {
+        SharedBuf {
+            len,
+            backing: Backing::Pooled(lease),
         }
     }
 }
 
+/// A sealed fresh region holding the first `len` bytes of `fd`.
+fn sealed_copy(fd: &OwnedFd, len: usize) -> Result<SharedBuf> {
+    let mut copy = SharedBuf::new(len)?;
+    if len > 0 {
+        let ro = MapOptions {
+            writable: false,
+            populate: false,
+        };
+        let original = Mapping::new(fd.as_fd(), 0, len, ro).map_err(Error::buffer)?;
+        // SAFETY: the mapping is live and `len` bytes long; nobody writes
+        // the region while the sender, its owner, is in this call (the
+        // forked process that still maps it never writes through it).
+        let bytes = unsafe { std::slice::from_raw_parts(original.as_ptr(), len) };
+        copy.as_bytes_mut().copy_from_slice(bytes);
+    }
+    copy.seal_for_send()?;
+    Ok(copy)
+}
+
 /// A buffer on its way out, after [`SharedBuf::into_outgoing`].
 pub(crate) enum Outgoing {
-    Memfd {
-        fd: OwnedFd,
-        map: Option<Mapping>,
-        len: usize,
-    },
-    Pooled {
-        lease: PoolLease,
-        len: usize,
-    },
+    /// A sealed fresh region; nobody maps it writable any more.
+    Memfd(OwnedFd),
+    Pooled(PoolLease),
 }
 
 impl fmt::Debug for SharedBuf {
@@ -373,7 +391,7 @@ enum ViewBacking {
     /// A fresh region; its descriptor is kept only if the receiver asked
     /// to forward what it receives.
     Memfd { map: Mapping, fd: Option<OwnedFd> },
-    /// A slot of the peer's pool, held through `seat`.
+    /// A slot of the peer's pool, held through the ticket of `seat`.
     Pooled {
         pool: Arc<PoolMapping>,
         slot: u32,
@@ -394,15 +412,16 @@ pub(crate) enum Forward<'a> {
 }
 
 impl BufView {
-    /// Maps a received memfd read-only after checking its seals. The
-    /// descriptor is closed at once unless `keep_fd` (to forward the view).
+    /// Maps a received memfd read-only after checking that its size and
+    /// bytes are sealed. The descriptor is closed at once unless `keep_fd`
+    /// (to forward the view).
     pub(crate) fn from_memfd(
         fd: OwnedFd,
         len: usize,
         keep_fd: bool,
         max_region_bytes: u64,
     ) -> Result<BufView> {
-        check_sealed(&fd)?;
+        check_sealed(&fd, sys::SEAL_SIZE | sys::SEAL_WRITE)?;
         let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
         check_region_size(size, max_region_bytes)?;
         if len as u64 > size {
@@ -579,8 +598,8 @@ impl BufView {
 
 impl Drop for BufView {
     fn drop(&mut self) {
-        if let ViewBacking::Pooled { pool, slot, seat } = &self.backing {
-            pool.release(*slot, *seat);
+        if let ViewBacking::Pooled { pool, slot, .. } = &self.backing {
+            pool.release(*slot);
         }
     }
 }

@@ -133,9 +133,10 @@ pub enum Error {
         limit: u64,
     },
 
-    /// A received region is not size-sealed, so its sender could shrink it
-    /// under our mapping; it was refused.
-    #[error("refused a shared region that is not size-sealed (seals {seals:#x})")]
+    /// A received region lacks a seal it needs: its sender could shrink it
+    /// under our mapping, or (a fresh region) change its bytes; it was
+    /// refused.
+    #[error("refused a shared region its sender could still resize or write (seals {seals:#x})")]
     Unsealed {
         /// The seals the region had.
         seals: u32,

@@ -57,13 +57,17 @@ fn decode_one(
             BufView::from_memfd(fd, len, keep_fds, max_region_bytes)?
         }
         attach::POOLED => {
+            let key = (desc.pool_id, desc.seat);
             let announced = match desc.flags & attach::POOL_FD {
                 0 => Ok(()),
-                _ => next_fd().and_then(|fd| pools.register(desc.pool_id, fd, max_region_bytes)),
+                // The pool's region, then this receiver's ticket for it.
+                _ => next_fd()
+                    .and_then(|fd| Ok((fd, next_fd()?)))
+                    .and_then(|fds| pools.register(key, fds, max_region_bytes)),
             };
             // Looked up even if the announcement failed: an unknown pool's
             // slot is remembered, to be released once the pool is mapped.
-            let pool = pools.get(desc.pool_id, desc.slot, desc.seat);
+            let pool = pools.get(desc.pool_id, desc.seat, desc.slot);
             announced?;
             let pool = pool?;
             if desc.slot >= pool.slots() || len > pool.slot_len() || desc.seat >= MAX_POOL_SEATS {

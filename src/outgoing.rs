@@ -15,8 +15,7 @@ use bytemuck::Zeroable;
 use crate::buffer::{BufView, Forward, Outgoing, SharedBuf};
 use crate::codec::{AttachmentDesc, attach};
 use crate::send_error::SendError;
-use crate::shm::{PoolLease, PoolShared};
-use crate::sys::Mapping;
+use crate::shm::{PoolLease, PoolShared, Ticket};
 use crate::tensor::Attachment;
 use crate::transport::OutRegion;
 use crate::{Error, Result};
@@ -42,13 +41,9 @@ struct Item {
 }
 
 enum Region {
-    /// A fresh region of ours, sealed; its writable mapping is dropped
-    /// once the frame is out.
-    Fresh {
-        fd: OwnedFd,
-        map: Option<Mapping>,
-        len: usize,
-    },
+    /// A fresh region of ours, sealed against every write: nobody maps it
+    /// writable any more.
+    Fresh { fd: OwnedFd, len: usize },
     /// A slot of one of our pools.
     Slot { lease: PoolLease, len: usize },
     /// A view received from another process, passed on.
@@ -120,30 +115,35 @@ impl Prepared {
         Ok(())
     }
 
-    /// Every attachment, back in the form the caller attached it.
+    /// Every attachment, back in the form the caller attached it, except
+    /// that a fresh region sealed for the send comes back as a read-only
+    /// view of itself.
     pub(crate) fn hand_back(self) -> Vec<Attachment> {
         self.items
             .into_iter()
-            .map(|item| {
+            .filter_map(|item| {
                 let meta = (item.dtype, item.shape);
                 match item.region {
-                    Region::Fresh { fd, map, len } => {
-                        let out = Outgoing::Memfd { fd, map, len };
-                        Attachment::rebuild_own(meta, SharedBuf::from_outgoing(out))
-                    }
-                    Region::Slot { lease, len } => {
-                        let out = Outgoing::Pooled { lease, len };
-                        Attachment::rebuild_own(meta, SharedBuf::from_outgoing(out))
-                    }
-                    Region::View(view) => Attachment::rebuild_view(meta, view),
+                    // Sealed, it can no longer be written: it comes back as a
+                    // read-only view of the same pages, which can be sent
+                    // again as it is.
+                    Region::Fresh { fd, len } => match BufView::from_memfd(fd, len, true, u64::MAX)
+                    {
+                        Ok(view) => Some(Attachment::rebuild_view(meta, view)),
+                        Err(_) => None, // Mapping failed: out of memory.
+                    },
+                    Region::Slot { lease, len } => Some(Attachment::rebuild_own(
+                        meta,
+                        SharedBuf::from_lease(lease, len),
+                    )),
+                    Region::View(view) => Some(Attachment::rebuild_view(meta, view)),
                 }
             })
             .collect()
     }
 
-    /// All peers have their share: drop the sender-side mappings of fresh
-    /// regions, and let forwarded views go without releasing (their new
-    /// holder gives them back).
+    /// All peers have their share: let forwarded views go without
+    /// releasing (their new holder gives them back).
     pub(crate) fn finish(self) {
         for item in self.items {
             if let Region::View(view) = item.region {
@@ -152,51 +152,71 @@ impl Prepared {
         }
     }
 
-    /// This set's descriptors and regions for one link.
-    pub(crate) fn describe(&self, link: &mut dyn PoolPeer) -> Result<Described<'_>> {
-        let mut out = Described {
-            descs: Vec::with_capacity(self.items.len()),
-            regions: Vec::with_capacity(self.items.len()),
-            holds: Holds::default(),
-        };
-        if let Err(err) = self.describe_into(&mut out, link) {
-            out.into_holds().cancel(self);
-            return Err(err);
-        }
-        Ok(out)
-    }
-
-    fn describe_into<'a>(&'a self, out: &mut Described<'a>, link: &mut dyn PoolPeer) -> Result<()> {
-        for (index, item) in self.items.iter().enumerate() {
+    /// This set's attachment descriptors for one link, and the holds
+    /// they take for its peer (undone if describing fails half-way).
+    pub(crate) fn describe(&self, link: &mut dyn PoolPeer) -> Result<(Vec<AttachmentDesc>, Holds)> {
+        let mut descs = Vec::with_capacity(self.items.len());
+        let mut holds = Holds::default();
+        for item in &self.items {
             let mut desc = AttachmentDesc::zeroed();
             desc.set_tensor(item.dtype, &item.shape);
-            let region = match &item.region {
-                Region::Fresh { fd, map, len } => {
+            let hold = match &item.region {
+                Region::Fresh { len, .. } => {
                     desc.kind = attach::MEMFD;
                     desc.len_bytes = *len as u64;
-                    OutRegion {
-                        fd: Some(fd.as_fd()),
-                        bytes: map.as_ref().map_or(&[], |m| mapped(m, *len)),
-                    }
+                    Ok(None)
                 }
                 Region::Slot { lease, len } => {
-                    let fresh = out
-                        .holds
-                        .describe_slot(&mut desc, index, lease, *len, link)?;
+                    slot_hold(&mut desc, lease, *len, link, &holds).map(Some)
+                }
+                Region::View(view) => describe_view(&mut desc, view).map(|()| None),
+            };
+            match hold {
+                Ok(hold) => holds.items.push(hold),
+                Err(err) => {
+                    holds.cancel(self);
+                    return Err(err);
+                }
+            }
+            descs.push(desc);
+        }
+        holds.new_pools = holds
+            .items
+            .iter()
+            .zip(&self.items)
+            .filter_map(|(hold, item)| match (hold, &item.region) {
+                (Some(h), Region::Slot { lease, .. }) if h.announce => Some(lease.pool().clone()),
+                _ => None,
+            })
+            .collect();
+        Ok((descs, holds))
+    }
+
+    /// The regions a transport passes for one link, as `holds` says.
+    pub(crate) fn regions<'a>(&'a self, holds: &'a Holds) -> Vec<OutRegion<'a>> {
+        self.items
+            .iter()
+            .zip(&holds.items)
+            .map(|(item, hold)| match (&item.region, hold) {
+                (Region::Fresh { fd, .. }, _) => OutRegion {
+                    fd: Some(fd.as_fd()),
+                    ticket: None,
+                    bytes: &[], // A streaming transport maps it from `fd`.
+                },
+                (Region::Slot { lease, len }, hold) => {
+                    let announce = hold.as_ref().filter(|h| h.announce);
                     OutRegion {
-                        fd: fresh.then(|| lease.pool().fd()),
+                        fd: announce.map(|_| lease.pool().fd()),
+                        ticket: announce.map(|h| h.ticket.fd()),
                         // SAFETY: the lease keeps `len` <= slot_len bytes
                         // of the pool's data mapping alive and unwritten
                         // while the frame is out (the owner holds it).
                         bytes: unsafe { std::slice::from_raw_parts(lease.data_ptr(), *len) },
                     }
                 }
-                Region::View(view) => describe_view(&mut desc, view)?,
-            };
-            out.descs.push(desc);
-            out.regions.push(region);
-        }
-        Ok(())
+                (Region::View(view), _) => view_region(view),
+            })
+            .collect()
     }
 }
 
@@ -210,109 +230,110 @@ fn own(mut buf: SharedBuf, meta: (u32, &[usize])) -> Result<Region, (Error, Atta
         ));
     }
     Ok(match buf.into_outgoing() {
-        Outgoing::Memfd { fd, map, .. } => Region::Fresh { fd, map, len },
-        Outgoing::Pooled { lease, .. } => Region::Slot { lease, len },
+        Outgoing::Memfd(fd) => Region::Fresh { fd, len },
+        Outgoing::Pooled(lease) => Region::Slot { lease, len },
     })
 }
 
-fn mapped(map: &Mapping, len: usize) -> &[u8] {
-    debug_assert!(len <= map.len());
-    // SAFETY: the mapping is live for the borrow of `map` and at least
-    // `len` bytes long; the region is sealed, so no one writes it.
-    unsafe { std::slice::from_raw_parts(map.as_ptr(), len) }
-}
-
-fn describe_view<'a>(desc: &mut AttachmentDesc, view: &'a BufView) -> Result<OutRegion<'a>> {
+fn describe_view(desc: &mut AttachmentDesc, view: &BufView) -> Result<()> {
     desc.len_bytes = view.len() as u64;
-    let fd = match view.forward()? {
-        Forward::Memfd(fd) => {
-            desc.kind = attach::MEMFD;
-            fd
-        }
+    match view.forward()? {
+        Forward::Memfd(_) => desc.kind = attach::MEMFD,
         Forward::Pooled { pool, slot, seat } => {
-            // The next holder releases through the seat we were given, and
-            // always gets the pool's descriptor: we cannot see whether it
-            // has the pool mapped.
+            // The next holder releases through our ticket, and always gets
+            // the pool's descriptors: we cannot see whether it has the
+            // pool mapped.
             desc.kind = attach::POOLED;
             desc.flags = attach::POOL_FD;
             desc.pool_id = pool.id();
             desc.slot = slot;
             desc.seat = seat;
-            pool.fd()
         }
+    }
+    Ok(())
+}
+
+fn view_region(view: &BufView) -> OutRegion<'_> {
+    let (fd, ticket) = match view.forward() {
+        Ok(Forward::Memfd(fd)) => (Some(fd), None),
+        Ok(Forward::Pooled { pool, .. }) => (Some(pool.fd()), Some(pool.ticket_fd())),
+        Err(_) => unreachable!("a view that cannot be forwarded is refused when prepared"),
     };
-    Ok(OutRegion {
-        fd: Some(fd),
+    OutRegion {
+        fd,
+        ticket,
         bytes: view.as_bytes(),
+    }
+}
+
+/// Describes a slot for one link: the peer's seat and ticket, the hold
+/// raised in it, and whether the pool's descriptors must go along.
+fn slot_hold(
+    desc: &mut AttachmentDesc,
+    lease: &PoolLease,
+    len: usize,
+    link: &mut dyn PoolPeer,
+    earlier: &Holds,
+) -> Result<SlotHold> {
+    let pool = lease.pool();
+    let (seat, ticket) = pool.seat_of(link.peer_id())?;
+    desc.kind = attach::POOLED;
+    desc.len_bytes = len as u64;
+    desc.pool_id = pool.id();
+    desc.slot = lease.slot();
+    desc.seat = seat;
+    let announced_here = earlier
+        .items
+        .iter()
+        .flatten()
+        .any(|h| h.announce && h.pool_id == pool.id());
+    let announce = !link.pool_known(pool) && !announced_here;
+    if announce {
+        desc.flags |= attach::POOL_FD;
+    }
+    lease.prepare_send(&ticket);
+    Ok(SlotHold {
+        seat,
+        ticket,
+        announce,
+        pool_id: pool.id(),
     })
 }
 
-/// One link's share of a [`Prepared`] set.
-pub(crate) struct Described<'a> {
-    pub(crate) descs: Vec<AttachmentDesc>,
-    pub(crate) regions: Vec<OutRegion<'a>>,
-    holds: Holds,
-}
-
-impl Described<'_> {
-    /// What must be committed or cancelled once the write is over.
-    pub(crate) fn into_holds(self) -> Holds {
-        self.holds
-    }
-}
-
-/// The pool slots one link's frame holds for its peer, and the pools it
+/// The holds one link's frame takes for its peer, and the pools it
 /// announces.
 #[derive(Default)]
 pub(crate) struct Holds {
-    /// (item index, seat) of every pool slot held for this peer.
-    holds: Vec<(usize, u32)>,
+    /// Per item, in order: the hold of a pool slot, `None` otherwise.
+    items: Vec<Option<SlotHold>>,
     new_pools: Vec<Arc<PoolShared>>,
 }
 
-impl Holds {
-    /// Describes a slot; true if the pool's descriptor must go along.
-    fn describe_slot(
-        &mut self,
-        desc: &mut AttachmentDesc,
-        index: usize,
-        lease: &PoolLease,
-        len: usize,
-        link: &mut dyn PoolPeer,
-    ) -> Result<bool> {
-        let pool = lease.pool();
-        let seat = pool.seat_of(link.peer_id())?;
-        desc.kind = attach::POOLED;
-        desc.len_bytes = len as u64;
-        desc.pool_id = pool.id();
-        desc.slot = lease.slot();
-        desc.seat = seat;
-        let fresh = !link.pool_known(pool) && !self.new_pools.iter().any(|p| p.id() == pool.id());
-        if fresh {
-            desc.flags |= attach::POOL_FD;
-            self.new_pools.push(pool.clone());
-        }
-        lease.prepare_send(seat);
-        self.holds.push((index, seat));
-        Ok(fresh)
-    }
+struct SlotHold {
+    seat: u32,
+    ticket: Arc<Ticket>,
+    /// The pool's region and this ticket go with the frame.
+    announce: bool,
+    pool_id: u64,
+}
 
+impl Holds {
     /// The frame reached the peer: its seats hold their slots. Returns the
     /// pools it announced.
     pub(crate) fn commit(self, prepared: &mut Prepared) -> Vec<Arc<PoolShared>> {
-        for (index, seat) in self.holds {
-            if let Region::Slot { lease, .. } = &mut prepared.items[index].region {
-                lease.commit_send(seat);
+        for (item, hold) in prepared.items.iter_mut().zip(self.items) {
+            if let (Region::Slot { lease, .. }, Some(hold)) = (&mut item.region, hold) {
+                lease.commit_send(hold.seat);
             }
         }
         self.new_pools
     }
 
-    /// The frame never left: the seats' holds are lowered again.
+    /// The frame never left: the holds are lowered again.
     pub(crate) fn cancel(self, prepared: &Prepared) {
-        for (index, seat) in self.holds {
-            if let Region::Slot { lease, .. } = &prepared.items[index].region {
-                lease.cancel_send(seat);
+        for (item, hold) in prepared.items.iter().zip(self.items) {
+            if let (Region::Slot { lease, .. }, Some(hold)) = (&item.region, hold) {
+                lease.cancel_send(&hold.ticket);
             }
         }
     }

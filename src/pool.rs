@@ -215,6 +215,7 @@ impl BufferPool {
     /// `deadline` `None` waits forever; `timeout` is what a `Timeout`
     /// error reports.
     fn acquire_until(&self, deadline: Option<Instant>, timeout: Duration) -> Result<SharedBuf> {
+        let mut fruitless = 0;
         loop {
             if let Some(buf) = self.try_acquire() {
                 return Ok(buf);
@@ -222,7 +223,9 @@ impl BufferPool {
             let left = deadline.map_or(Duration::MAX, |d| {
                 d.saturating_duration_since(Instant::now())
             });
-            let again = self.shared.wait_release(left, || self.try_acquire())?;
+            let again = self
+                .shared
+                .wait_release(left, &mut fruitless, || self.try_acquire())?;
             match again {
                 Some(buf) => return Ok(buf),
                 None if left.is_zero() => return Err(Error::timeout(timeout)),

@@ -396,16 +396,17 @@ impl Sender {
         wait: Wait,
     ) -> Result<()> {
         self.check_open()?;
-        let described = prepared.describe(self.pool_peer())?;
-        let header = FrameHeader::message(described.descs.len(), self.out.len(), type_id);
+        let (descs, holds) = prepared.describe(self.pool_peer())?;
+        let regions = prepared.regions(&holds);
+        let header = FrameHeader::message(descs.len(), self.out.len(), type_id);
         let frame = OutFrame {
             header: &header,
-            descs: &described.descs,
+            descs: &descs,
             payload: &self.out,
-            regions: &described.regions,
+            regions: &regions,
         };
         let written = write(&mut self.tx, &frame, &self.peer, wait);
-        let holds = described.into_holds();
+        drop(regions);
         match written {
             Ok(()) => {
                 for pool in holds.commit(prepared) {

@@ -322,6 +322,12 @@ pub fn is_fd_exhaustion(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
+/// Whether `err` says a writable mapping still exists (`EBUSY` from
+/// adding `F_SEAL_WRITE`).
+pub fn is_busy(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::EBUSY)
+}
+
 /// Whether `err` says the peer is gone (`EPIPE`, `ECONNRESET`).
 pub fn is_peer_gone(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET))
@@ -333,11 +339,14 @@ pub fn is_peer_gone(err: &io::Error) -> bool {
 
 /// Seals that fix a memfd's size.
 pub const SEAL_SIZE: u32 = SealFlags::SHRINK.union(SealFlags::GROW).bits();
-/// Seal that forbids `write` and any new writable mapping (Linux 5.1).
-/// Not `F_SEAL_WRITE`: that one fails with `EBUSY` while any process still
-/// maps the file writable, and a worker forked after a buffer was created
-/// inherits the creator's writable mapping.
-pub const SEAL_WRITE: u32 = SealFlags::FUTURE_WRITE.bits();
+/// Seal that forbids `write` and any new writable mapping (Linux 5.1);
+/// writable mappings made before it stay writable. A pool's owner keeps
+/// its own that way.
+pub const SEAL_FUTURE_WRITE: u32 = SealFlags::FUTURE_WRITE.bits();
+/// Seal that forbids every write, through any mapping: the file's bytes
+/// are fixed for everyone. Refused with `EBUSY` while any process maps the
+/// file writable.
+pub const SEAL_WRITE: u32 = SealFlags::WRITE.bits();
 /// Seal that forbids adding more seals.
 pub const SEAL_SEAL: u32 = SealFlags::SEAL.bits();
 
@@ -440,18 +449,85 @@ impl Drop for Mapping {
 // Futex (cross-process: the word lives in a MAP_SHARED memfd)
 // ---------------------------------------------------------------------------
 
-/// Sleeps while `*word == expected`, up to `timeout`. Spurious wake-ups and
-/// `EAGAIN` (the word already changed) both return `Ok`; the caller re-checks.
-pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
-    let ts = futex::Timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: timeout.subsec_nanos().into(),
+/// One word for [`futex_wait_any`]: sleep while it holds `expected`.
+pub struct FutexWord<'a> {
+    pub word: &'a AtomicU32,
+    pub expected: u32,
+    /// Whether wakers in other processes must reach it (a word in a
+    /// `MAP_SHARED` region) or only this process's.
+    pub shared: bool,
+}
+
+/// Most words one `futex_waitv` takes (the kernel's `FUTEX_WAITV_MAX`).
+pub const MAX_FUTEX_WORDS: usize = 128;
+
+/// Sleeps until any of `words` is woken or no longer holds its expected
+/// value, or `timeout` passes (`futex_waitv`, Linux 5.16). Spurious
+/// wake-ups, a value already changed and the timeout all return `Ok`: the
+/// caller re-checks. On an older kernel it sleeps a millisecond at most
+/// (the caller's re-check then polls).
+pub fn futex_wait_any(words: &[FutexWord<'_>], timeout: Duration) -> io::Result<()> {
+    /// The kernel's `struct futex_waitv`.
+    #[repr(C)]
+    struct Waitv {
+        val: u64,
+        uaddr: u64,
+        flags: u32,
+        reserved: u32,
+    }
+    const FUTEX2_SIZE_U32: u32 = 0x02;
+    const FUTEX2_PRIVATE: u32 = 128;
+    assert!(
+        words.len() <= MAX_FUTEX_WORDS,
+        "at most {MAX_FUTEX_WORDS} futex words"
+    );
+    let waitv: Vec<Waitv> = words
+        .iter()
+        .map(|w| Waitv {
+            val: u64::from(w.expected),
+            uaddr: w.word.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32 | if w.shared { 0 } else { FUTEX2_PRIVATE },
+            reserved: 0,
+        })
+        .collect();
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // Not PRIVATE, so a waker in another process sharing the mapping
-    // reaches us.
-    match futex::wait(word, futex::Flags::empty(), expected, Some(&ts)) {
-        Ok(()) | Err(Errno::AGAIN | Errno::INTR | Errno::TIMEDOUT) => Ok(()),
-        Err(e) => Err(e.into()),
+    // SAFETY: `now` is valid for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let nanos = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
+    let secs = (now.tv_sec as u64)
+        .saturating_add(timeout.as_secs())
+        .saturating_add(nanos / 1_000_000_000);
+    let deadline = libc::timespec {
+        tv_sec: secs.min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `waitv` is a live array of `waitv.len()` entries laid out as
+    // the kernel's `struct futex_waitv`, each naming a live aligned u32;
+    // `deadline` is a live timespec; flags 0 as the call requires.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waitv.as_ptr(),
+            waitv.len() as libc::c_uint,
+            0,
+            &deadline as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if ret >= 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT) => Ok(()),
+        Some(libc::ENOSYS) => {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            Ok(())
+        }
+        _ => Err(err),
     }
 }
 
@@ -673,10 +749,10 @@ mod tests {
         let fd = memfd_create(c"sys-test", 4096).unwrap();
         assert_eq!(file_len(fd.as_fd()).unwrap(), 4096);
         fallocate(fd.as_fd(), 4096).unwrap();
-        add_seals(fd.as_fd(), SEAL_SIZE | SEAL_WRITE).unwrap();
-        assert_eq!(seals(fd.as_fd()).unwrap(), SEAL_SIZE | SEAL_WRITE);
+        add_seals(fd.as_fd(), SEAL_SIZE | SEAL_FUTURE_WRITE).unwrap();
+        assert_eq!(seals(fd.as_fd()).unwrap(), SEAL_SIZE | SEAL_FUTURE_WRITE);
         assert_eq!(
-            SEAL_SIZE | SEAL_WRITE | SEAL_SEAL,
+            SEAL_SIZE | SEAL_FUTURE_WRITE | SEAL_SEAL,
             (libc::F_SEAL_SHRINK
                 | libc::F_SEAL_GROW
                 | libc::F_SEAL_FUTURE_WRITE

@@ -207,32 +207,23 @@ fn the_buffer_of_a_large_frame_shrinks_back() {
     assert_eq!(util::exit_status(&mut w), ExitStatus::Exited(0));
 }
 
-/// A sparse, size-sealed memfd of `len` bytes whose first page is a pool
-/// header for one slot spanning the rest.
-fn fake_pool(len: u64, id: u64) -> std::io::Result<OwnedFd> {
+/// A memfd named `name` of `len` bytes holding `head` at offset 0, sealed
+/// with `seals`; the rest is a hole.
+fn sealed_memfd(
+    name: &std::ffi::CStr,
+    len: u64,
+    head: &[u8],
+    seals: i32,
+) -> std::io::Result<OwnedFd> {
     // SAFETY: plain system calls on a descriptor this function owns.
     unsafe {
-        let raw = libc::memfd_create(
-            c"fake-pool".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        );
+        let raw = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
         if raw < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let fd = OwnedFd::from_raw_fd(raw);
-        let page = 4096u64;
-        let mut header = Vec::new();
-        header.extend_from_slice(b"MRAYPOOL");
-        header.extend_from_slice(&2u32.to_le_bytes()); // version
-        header.extend_from_slice(&1u32.to_le_bytes()); // slots
-        header.extend_from_slice(&(len - page).to_le_bytes()); // slot_len
-        header.extend_from_slice(&(len - page).to_le_bytes()); // slot_stride
-        header.extend_from_slice(&page.to_le_bytes()); // data_offset
-        header.extend_from_slice(&id.to_le_bytes());
-        header.resize(64, 0);
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         if libc::ftruncate(raw, len as i64) != 0
-            || libc::pwrite(raw, header.as_ptr().cast(), header.len(), 0) != 64
+            || libc::pwrite(raw, head.as_ptr().cast(), head.len(), 0) != head.len() as isize
             || libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0
         {
             return Err(std::io::Error::last_os_error());
@@ -241,19 +232,42 @@ fn fake_pool(len: u64, id: u64) -> std::io::Result<OwnedFd> {
     }
 }
 
+/// A sparse "pool" region of `len` bytes (header page, then one slot
+/// spanning the rest) and a ticket for it, as a pool's owner makes them.
+fn fake_pool(len: u64, id: u64) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let page = 4096u64;
+    let mut header = Vec::new();
+    header.extend_from_slice(b"MRAYPOOL");
+    header.extend_from_slice(&3u32.to_le_bytes()); // version
+    header.extend_from_slice(&1u32.to_le_bytes()); // slots
+    header.extend_from_slice(&(len - page).to_le_bytes()); // slot_len
+    header.extend_from_slice(&(len - page).to_le_bytes()); // slot_stride
+    header.extend_from_slice(&page.to_le_bytes()); // data_offset
+    header.extend_from_slice(&id.to_le_bytes());
+    let size = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    let pool = sealed_memfd(c"fake-pool", len, &header, size | libc::F_SEAL_FUTURE_WRITE)?;
+    let mut ticket = Vec::new();
+    ticket.extend_from_slice(b"MRAYTICK");
+    ticket.extend_from_slice(&id.to_le_bytes());
+    ticket.extend_from_slice(&1u32.to_le_bytes()); // slots
+    let ticket = sealed_memfd(c"fake-ticket", page, &ticket, size)?;
+    Ok((pool, ticket))
+}
+
 /// Sends a 2 GiB sparse "pool" and names its one slot.
 fn send_fake_pool(h: &mut Handle) -> miniray::Result<()> {
     let id = 0x5eed;
-    let pool = fake_pool(2 << 30, id).map_err(Error::Buffer)?;
+    let (pool, ticket) = fake_pool(2 << 30, id).map_err(Error::Buffer)?;
     let desc = util::RawDesc {
         kind: util::RAW_ATTACH_POOLED,
-        flags: 1, // the pool's descriptor is attached
+        flags: 1, // the pool's descriptors are attached
         len_bytes: 4096,
         pool_id: id,
         ..Default::default()
     };
     let frame = util::raw_frame(&[desc], &[]);
-    util::send_raw(h.as_fd(), &frame, &[pool.as_raw_fd() as RawFd]).map_err(Error::Send)?;
+    let fds = [pool.as_raw_fd() as RawFd, ticket.as_raw_fd()];
+    util::send_raw(h.as_fd(), &frame, &fds).map_err(Error::Send)?;
     h.recv_timeout::<()>(util::STEP)
 }
 
@@ -386,4 +400,255 @@ fn impossible_pool_sizes_are_errors_before_allocating() {
             "{slots} x {len}: {got:?}"
         );
     }
+}
+
+/// A memfd of `len` bytes with exactly `seals`, mapped writable by its
+/// creator, who keeps the mapping.
+fn memfd_with_seals(len: usize, seals: i32) -> std::io::Result<(OwnedFd, *mut u8)> {
+    // SAFETY: plain system calls on a descriptor this function owns; the
+    // mapping is leaked on purpose (the writer keeps it).
+    unsafe {
+        let raw = libc::memfd_create(
+            c"writer-kept".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(raw);
+        if libc::ftruncate(raw, len as i64) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let map = libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, raw, 0);
+        if map == libc::MAP_FAILED || libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        map.cast::<u8>().write_bytes(b'A', len);
+        Ok((fd, map.cast()))
+    }
+}
+
+/// Case 10: a region sealed against resizing and future writes, but still
+/// mapped writable by its sender, once changed under the receiver's
+/// `&[u8]`; a receiver now takes only regions sealed against every write.
+#[test]
+fn a_region_its_sender_can_still_write_is_refused() {
+    let _w = util::watchdog("writable_region", LIMIT);
+    let _s = serial();
+    let size_only = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    for seals in [size_only, size_only | libc::F_SEAL_FUTURE_WRITE] {
+        let mut w = Worker::spawn(move |h| {
+            let (fd, map) = memfd_with_seals(4096, seals).map_err(Error::Buffer)?;
+            let desc = util::RawDesc {
+                kind: util::RAW_ATTACH_MEMFD,
+                len_bytes: 4096,
+                ..Default::default()
+            };
+            let frame = util::raw_frame(&[desc], &[]);
+            util::send_raw(h.as_fd(), &frame, &[fd.as_raw_fd()]).map_err(Error::Send)?;
+            h.recv_timeout::<()>(util::STEP)?;
+            // SAFETY: the mapping is live and 4096 bytes long.
+            unsafe { map.write(b'B') }; // what the receiver must never see
+            Ok(())
+        })
+        .expect("spawn");
+        let err = w
+            .recv_attached_timeout::<()>(util::STEP)
+            .expect_err("still writable");
+        assert!(
+            matches!(err, Error::Unsealed { .. }),
+            "seals {seals:#x}: {err:?}"
+        );
+        w.kill().expect("kill");
+    }
+}
+
+/// The descriptor numbers of this process whose target starts with `name`.
+fn fds_named(name: &str) -> Vec<RawFd> {
+    util::open_fds()
+        .into_iter()
+        .filter(|&fd| util::fd_target(fd).is_some_and(|t| t.starts_with(name)))
+        .collect()
+}
+
+/// What a lying receiver managed: `mmap` errno when asking for a writable
+/// mapping of the pool region (0 = it got one), and the ticket words it
+/// overwrote.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+#[rkyv(crate = miniray::rkyv)]
+struct Tampering {
+    pool_map_errno: i32,
+    ticket_words: u32,
+}
+
+/// Maps `fd` (of `len` bytes) writable, or returns the errno.
+fn map_writable(fd: RawFd, len: usize) -> Result<*mut u32, i32> {
+    // SAFETY: a fresh shared mapping at an address the kernel picks.
+    let map = unsafe {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0)
+    };
+    match map == libc::MAP_FAILED {
+        true => Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)),
+        false => Ok(map.cast()),
+    }
+}
+
+/// Holds the slot it was sent, then tries to rewrite the pool's
+/// bookkeeping: a writable mapping of the pool region, and every word of
+/// its own ticket set to "released".
+fn tamper(h: &mut Handle) -> miniray::Result<()> {
+    let ((), held) = h.recv_attached_timeout::<()>(util::STEP)?;
+    let pool_fd = *fds_named("/memfd:miniray-pool")
+        .first()
+        .expect("the pool's descriptor");
+    let pool_map_errno = map_writable(pool_fd, 4096).err().unwrap_or(0);
+    let ticket = *fds_named("/memfd:miniray-ticket")
+        .first()
+        .expect("its ticket");
+    let words = 4096 / 4;
+    let map = map_writable(ticket, 4096).expect("its own ticket is writable");
+    for i in 8..words {
+        // SAFETY: within the 4096-byte mapping just made.
+        unsafe { map.add(i).write_volatile(0) };
+    }
+    h.send(&Tampering {
+        pool_map_errno,
+        ticket_words: words as u32 - 8,
+    })?;
+    h.recv_timeout::<()>(util::STEP)?;
+    drop(held);
+    Ok(())
+}
+
+/// Case 5: a receiver could rewrite the pool's shared bookkeeping: clear
+/// the flag of a slot another worker held (the owner then handed it out
+/// again under that worker's view) and overwrite the header (a new worker
+/// was then refused the pool). Now a receiver maps the pool read-only and
+/// can touch its own ticket only.
+#[test]
+fn a_receiver_cannot_free_another_receivers_slot_or_touch_the_pool() {
+    let _w = util::watchdog("pool_bookkeeping", LIMIT);
+    let _s = serial();
+    let pool = BufferPool::new(2, 4096).expect("pool");
+    let holder = |value: u8| {
+        move |h: &mut Handle| -> miniray::Result<()> {
+            let ((), parts) = h.recv_attached_timeout::<()>(util::STEP)?;
+            h.recv_timeout::<()>(util::STEP)?;
+            let unchanged = parts[0].as_bytes().iter().all(|&b| b == value);
+            h.send(&unchanged)
+        }
+    };
+    let mut b = Worker::spawn(holder(0xbb)).expect("spawn");
+    let mut slot = pool.acquire_timeout(util::STEP).expect("slot for B");
+    slot.as_bytes_mut().fill(0xbb);
+    b.send_attached(&(), vec![slot.into()]).expect("to B");
+    let mut a = Worker::spawn(tamper).expect("spawn");
+    let slot = pool.acquire_timeout(util::STEP).expect("slot for A");
+    a.send_attached(&(), vec![slot.into()]).expect("to A");
+    let report: Tampering = a.recv_timeout(util::STEP).expect("A's report");
+    assert_eq!(
+        report.pool_map_errno,
+        libc::EPERM,
+        "the pool region is read-only for receivers"
+    );
+    assert!(report.ticket_words > 0);
+
+    // A may have let go of its own slot early; B's is still B's.
+    let freed = pool.try_acquire();
+    assert!(
+        pool.try_acquire().is_none(),
+        "B's slot was handed out again"
+    );
+    drop(freed);
+    b.send(&()).expect("B checks its view");
+    assert!(
+        b.recv_timeout::<bool>(util::STEP).expect("B's report"),
+        "B's view changed"
+    );
+
+    // A third worker still gets the pool: its header is intact.
+    let mut c = Worker::spawn(holder(0xcc)).expect("spawn");
+    let mut slot = pool.acquire_timeout(util::STEP).expect("slot for C");
+    slot.as_bytes_mut().fill(0xcc);
+    c.send_attached(&(), vec![slot.into()]).expect("to C");
+    c.send(&()).expect("C checks its view");
+    assert!(c.recv_timeout::<bool>(util::STEP).expect("C's report"));
+    for w in [&mut a, &mut b, &mut c] {
+        w.kill().expect("kill");
+    }
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: `usage` is valid for the kernel to fill.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Case 6: a receiver holding the shared "waiters" word at 0 once
+/// swallowed the owner's wake-up: `acquire` slept through another worker's
+/// release, and a wait with no timeout never returned. Now nothing a
+/// receiver writes can do that, nor make the owner spin.
+#[test]
+fn a_receiver_cannot_swallow_the_owners_wake_up_or_make_it_spin() {
+    let _w = util::watchdog("pool_wake_up", LIMIT);
+    let _s = serial();
+    let pool = BufferPool::new(2, 4096).expect("pool");
+    // The liar holds a slot and, in a loop, zeroes its ticket's waiters
+    // word and bumps its wake word, for as long as the test runs.
+    let mut liar = Worker::spawn(|h| {
+        let ((), _held) = h.recv_attached_timeout::<()>(util::STEP)?;
+        let ticket = *fds_named("/memfd:miniray-ticket")
+            .first()
+            .expect("its ticket");
+        let map = map_writable(ticket, 4096).expect("its own ticket is writable");
+        h.send(&())?;
+        let stop = Instant::now() + util::STEP;
+        let mut bump = 0u32;
+        while Instant::now() < stop {
+            bump = bump.wrapping_add(1);
+            // SAFETY: words 5 (wake) and 6 (waiters) of the mapped ticket.
+            unsafe {
+                map.add(5).write_volatile(bump);
+                map.add(6).write_volatile(0);
+            }
+        }
+        Ok(())
+    })
+    .expect("spawn");
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    liar.send_attached(&(), vec![slot.into()])
+        .expect("to the liar");
+    liar.recv_timeout::<()>(util::STEP)
+        .expect("the liar is at work");
+    // An honest worker holds the other slot for a moment.
+    let mut honest = Worker::spawn(|h| {
+        let ((), held) = h.recv_attached_timeout::<()>(util::STEP)?;
+        thread::sleep(Duration::from_millis(300));
+        drop(held);
+        h.recv_timeout::<()>(util::STEP)
+    })
+    .expect("spawn");
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    honest
+        .send_attached(&(), vec![slot.into()])
+        .expect("to the honest one");
+
+    let (wall, cpu) = (Instant::now(), thread_cpu_time());
+    let back = pool.acquire().expect("the honest release is seen");
+    let (wall, cpu) = (wall.elapsed(), thread_cpu_time() - cpu);
+    drop(back);
+    assert!(
+        cpu * 2 < wall.max(Duration::from_millis(100)),
+        "the owner spun while waiting: {cpu:?} of CPU in {wall:?}"
+    );
+    liar.kill().expect("kill");
+    honest.kill().expect("kill");
 }

@@ -48,10 +48,12 @@ pub(crate) struct OutFrame<'a> {
     pub(crate) regions: &'a [OutRegion<'a>],
 }
 
-/// One attachment's region as a transport sees it: the descriptor to pass
-/// (none for a pool slot the peer has mapped already), and its bytes.
+/// One attachment's region as a transport sees it: the descriptors to pass
+/// (none for a pool slot the peer has mapped already; a pool's region and
+/// the peer's ticket when it has not), and its bytes.
 pub(crate) struct OutRegion<'a> {
     pub(crate) fd: Option<BorrowedFd<'a>>,
+    pub(crate) ticket: Option<BorrowedFd<'a>>,
     #[allow(dead_code)] // Read by transports that stream attachment bytes.
     pub(crate) bytes: &'a [u8],
 }

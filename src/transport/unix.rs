@@ -66,7 +66,11 @@ impl UnixTx {
             IoSlice::new(frame.payload),
         ];
         let mut iov: &mut [IoSlice<'_>] = &mut iov;
-        let all_fds: Vec<BorrowedFd<'_>> = frame.regions.iter().filter_map(|r| r.fd).collect();
+        let all_fds: Vec<BorrowedFd<'_>> = frame
+            .regions
+            .iter()
+            .flat_map(|r| r.fd.into_iter().chain(r.ticket))
+            .collect();
         let mut fds: &[BorrowedFd<'_>] = &all_fds;
         let mut started = false;
         while !iov.is_empty() {
