@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytemuck::Pod;
 
-use crate::shm::{PoolLease, PoolMapping, check_region_size, check_sealed};
+use crate::shm::{PoolLease, PoolMapping, checked_region};
 use crate::sys::{self, MapOptions, Mapping};
 use crate::{Error, Result};
 
@@ -421,9 +421,7 @@ impl BufView {
         keep_fd: bool,
         max_region_bytes: u64,
     ) -> Result<BufView> {
-        check_sealed(&fd, sys::SEAL_SIZE | sys::SEAL_WRITE)?;
-        let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
-        check_region_size(size, max_region_bytes)?;
+        let size = checked_region(&fd, sys::SEAL_SIZE | sys::SEAL_WRITE, max_region_bytes)?;
         if len as u64 > size {
             return Err(Error::Protocol(format!(
                 "attachment of {len} bytes in a region of {size} bytes"

@@ -624,9 +624,11 @@ impl PoolMapping {
     ) -> Result<PoolMapping> {
         // Without the future-write seal another receiver could map it
         // writable and change our slots or the header.
-        check_sealed(&fd, sys::SEAL_SIZE | sys::SEAL_FUTURE_WRITE)?;
-        let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
-        check_region_size(size, max_region_bytes)?;
+        let size = checked_region(
+            &fd,
+            sys::SEAL_SIZE | sys::SEAL_FUTURE_WRITE,
+            max_region_bytes,
+        )?;
         let page = sys::page_size();
         if size < page as u64 {
             return Err(Error::Protocol(format!(
@@ -816,8 +818,21 @@ impl ReceivedPools {
     }
 }
 
+/// Checks a received region's seals and size, before it is mapped;
+/// returns its size.
+pub(crate) fn checked_region(
+    fd: &OwnedFd,
+    required_seals: u32,
+    max_region_bytes: u64,
+) -> Result<u64> {
+    check_sealed(fd, required_seals)?;
+    let size = sys::file_len(fd.as_fd()).map_err(Error::Buffer)?;
+    check_region_size(size, max_region_bytes)?;
+    Ok(size)
+}
+
 /// Refuses a region larger than the limit, before it is mapped.
-pub(crate) fn check_region_size(size: u64, max_region_bytes: u64) -> Result<()> {
+fn check_region_size(size: u64, max_region_bytes: u64) -> Result<()> {
     if size > max_region_bytes {
         return Err(Error::Protocol(format!(
             "a shared region of {size} bytes exceeds the limit of {max_region_bytes} (Limits::max_region_bytes)"

@@ -560,7 +560,8 @@ fn reserved_descriptor_fields_are_refused_and_the_link_stays_usable() {
             len_bytes: 64,
             ..Default::default()
         };
-        let fd = memfd_sealed(64)?;
+        let size = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        let fd = util::sealed_memfd(c"handmade", 64, &[], size).map_err(Error::Buffer)?;
         let frame = util::raw_frame(&[desc], &archive_of(&0));
         util::send_raw(h.as_fd(), &frame, &[std::os::fd::AsRawFd::as_raw_fd(&fd)])
             .map_err(Error::Send)?;
@@ -579,25 +580,4 @@ fn reserved_descriptor_fields_are_refused_and_the_link_stays_usable() {
         2
     );
     assert_eq!(util::exit_status(&mut w), ExitStatus::Exited(0));
-}
-
-/// A size-sealed memfd of `len` bytes, made by hand.
-fn memfd_sealed(len: i64) -> miniray::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain system calls on a descriptor this function owns.
-    unsafe {
-        let raw = libc::memfd_create(
-            c"handmade".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        );
-        if raw < 0 {
-            return Err(Error::Buffer(std::io::Error::last_os_error()));
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(raw);
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-        if libc::ftruncate(raw, len) != 0 || libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0 {
-            return Err(Error::Buffer(std::io::Error::last_os_error()));
-        }
-        Ok(fd)
-    }
 }

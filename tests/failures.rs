@@ -339,7 +339,8 @@ fn garbage_bytes_are_a_protocol_error_naming_the_magic() {
     let mut w = spawn_alone(|| {
         Worker::spawn(|h| {
             // More than a header's worth of something else entirely.
-            let request = b"GET / HTTP/1.1\r\nHost: miniray\r\nAccept: */*\r\nUser-Agent: test\r\n\r\n";
+            let request =
+                b"GET / HTTP/1.1\r\nHost: miniray\r\nAccept: */*\r\nUser-Agent: test\r\n\r\n";
             raw_socket(h).write_all(request).map_err(Error::Send)?;
             h.recv_timeout::<Signal>(util::STEP).map(drop)
         })

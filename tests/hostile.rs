@@ -6,7 +6,7 @@
 mod util;
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -207,31 +207,6 @@ fn the_buffer_of_a_large_frame_shrinks_back() {
     assert_eq!(util::exit_status(&mut w), ExitStatus::Exited(0));
 }
 
-/// A memfd named `name` of `len` bytes holding `head` at offset 0, sealed
-/// with `seals`; the rest is a hole.
-fn sealed_memfd(
-    name: &std::ffi::CStr,
-    len: u64,
-    head: &[u8],
-    seals: i32,
-) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain system calls on a descriptor this function owns.
-    unsafe {
-        let raw = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(raw);
-        if libc::ftruncate(raw, len as i64) != 0
-            || libc::pwrite(raw, head.as_ptr().cast(), head.len(), 0) != head.len() as isize
-            || libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(fd)
-    }
-}
-
 /// A sparse "pool" region of `len` bytes (header page, then one slot
 /// spanning the rest) and a ticket for it, as a pool's owner makes them.
 fn fake_pool(len: u64, id: u64) -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -245,12 +220,12 @@ fn fake_pool(len: u64, id: u64) -> std::io::Result<(OwnedFd, OwnedFd)> {
     header.extend_from_slice(&page.to_le_bytes()); // data_offset
     header.extend_from_slice(&id.to_le_bytes());
     let size = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    let pool = sealed_memfd(c"fake-pool", len, &header, size | libc::F_SEAL_FUTURE_WRITE)?;
+    let pool = util::sealed_memfd(c"fake-pool", len, &header, size | libc::F_SEAL_FUTURE_WRITE)?;
     let mut ticket = Vec::new();
     ticket.extend_from_slice(b"MRAYTICK");
     ticket.extend_from_slice(&id.to_le_bytes());
     ticket.extend_from_slice(&1u32.to_le_bytes()); // slots
-    let ticket = sealed_memfd(c"fake-ticket", page, &ticket, size)?;
+    let ticket = util::sealed_memfd(c"fake-ticket", page, &ticket, size)?;
     Ok((pool, ticket))
 }
 
@@ -405,20 +380,12 @@ fn impossible_pool_sizes_are_errors_before_allocating() {
 /// A memfd of `len` bytes with exactly `seals`, mapped writable by its
 /// creator, who keeps the mapping.
 fn memfd_with_seals(len: usize, seals: i32) -> std::io::Result<(OwnedFd, *mut u8)> {
-    // SAFETY: plain system calls on a descriptor this function owns; the
-    // mapping is leaked on purpose (the writer keeps it).
+    let fd = util::sealed_memfd(c"writer-kept", len as u64, &[], 0)?;
+    let raw = fd.as_raw_fd();
+    // SAFETY: a fresh shared mapping of a descriptor we own, leaked on
+    // purpose (the writer keeps it); then a seal added and the mapping
+    // filled within its length.
     unsafe {
-        let raw = libc::memfd_create(
-            c"writer-kept".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        );
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(raw);
-        if libc::ftruncate(raw, len as i64) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let map = libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, raw, 0);
         if map == libc::MAP_FAILED || libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0 {

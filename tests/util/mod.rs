@@ -241,3 +241,32 @@ pub fn raw_stream(h: &miniray::Handle) -> std::os::unix::net::UnixStream {
     let fd = h.as_fd().try_clone_to_owned().expect("dup the socket");
     std::os::unix::net::UnixStream::from(fd)
 }
+
+/// A memfd named `name` of `len` bytes holding `head` at offset 0 (the
+/// rest a hole), with `seals` added (`F_SEAL_*` bits; 0 for none), made by
+/// hand for the library to receive.
+pub fn sealed_memfd(
+    name: &std::ffi::CStr,
+    len: u64,
+    head: &[u8],
+    seals: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system calls on a descriptor this function owns from
+    // the moment memfd_create returns it.
+    unsafe {
+        let raw = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(raw);
+        let written = libc::pwrite(raw, head.as_ptr().cast(), head.len(), 0);
+        if libc::ftruncate(raw, len as i64) != 0
+            || written != head.len() as isize
+            || (seals != 0 && libc::fcntl(raw, libc::F_ADD_SEALS, seals) != 0)
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
