@@ -483,6 +483,12 @@ impl Workers {
             match worker.rx.take_next::<T>() {
                 Ok(Some(message)) => return Ok(Some(message)),
                 Ok(None) => continue,
+                // A worker that closed its sending half has nothing more to
+                // say: it is left out, as one that ended cleanly.
+                Err(Error::Disconnected) if worker.rx.is_ended() => {
+                    worker.left_out = true;
+                    return Ok(None);
+                }
                 Err(err) => return Err(settle(worker, err)),
             }
         }

@@ -193,3 +193,37 @@ fn a_failed_worker_in_a_set_is_named_and_the_others_go_on() {
     let statuses = set.wait_all_timeout(util::STEP).expect("reaped");
     assert_eq!(statuses[1], ExitStatus::Exited(1));
 }
+
+#[test]
+fn a_worker_that_closes_its_side_is_left_out_and_the_others_go_on() {
+    let _w = util::watchdog("set_half_close", LIMIT);
+    let mut set = Workers::new(vec![
+        Worker::spawn(|h| {
+            h.send(&1u8)?;
+            h.close()?;
+            h.recv_timeout::<()>(util::STEP)
+        })
+        .expect("spawn"),
+        Worker::spawn(|h| {
+            h.recv_timeout::<()>(util::STEP)?;
+            h.send(&2u8)
+        })
+        .expect("spawn"),
+    ]);
+    assert_eq!(
+        set.recv_any_timeout::<u8>(util::STEP)
+            .expect("before the close"),
+        (0, 1)
+    );
+    // Worker 0's close is no message and no error: worker 1 is waited for.
+    let got = set.recv_any_timeout::<u8>(Duration::from_millis(100));
+    assert!(matches!(got, Err(Error::Timeout { .. })), "{got:?}");
+    set[1].send(&()).expect("go");
+    assert_eq!(
+        set.recv_any_timeout::<u8>(util::STEP).expect("the other"),
+        (1, 2)
+    );
+    set[0].send(&()).expect("let worker 0 finish");
+    let statuses = set.wait_all_timeout(util::STEP).expect("exit");
+    assert!(statuses.iter().all(ExitStatus::success), "{statuses:?}");
+}
