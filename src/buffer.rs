@@ -265,11 +265,19 @@ impl SharedBuf {
                 *sealed = true;
                 Ok(())
             }
-            Err(err) if sys::is_busy(&err) => {
-                let copy = sealed_copy(fd, len)?;
-                *self = copy;
-                Ok(())
-            }
+            Err(err) if sys::is_busy(&err) => match sealed_copy(fd, len) {
+                Ok(copy) => {
+                    *self = copy;
+                    Ok(())
+                }
+                Err(err) => {
+                    // Nothing was sealed: give the writer its mapping back.
+                    if let Some(mapped) = mapped_len {
+                        *map = Some(map_writable(fd, mapped)?);
+                    }
+                    Err(err)
+                }
+            },
             Err(err) => {
                 // Nothing was sealed: give the writer its mapping back.
                 if let Some(mapped) = mapped_len {

@@ -118,8 +118,8 @@ pub struct AttachmentDesc {
     pub slot: u32,
     /// Flags, see [`attach::POOL_FD`].
     pub flags: u32,
-    /// The receiver's seat in the pool (pooled only): which bit of the
-    /// slot's hold word it clears to give the slot back.
+    /// The receiver's seat in the pool (pooled only): which of the owner's
+    /// tickets it holds the slot through.
     pub seat: u32,
     /// Bytes of data the receiver may read.
     pub len_bytes: u64,

@@ -116,6 +116,19 @@ pub enum Error {
         max: u64,
     },
 
+    /// An attachment's region (or a pool, for a slot) is larger than the
+    /// peer maps (`Limits::max_region_bytes`, its own or the peer's);
+    /// nothing was sent.
+    #[error(
+        "a shared region of {len} bytes exceeds the limit of {max} bytes (Limits::max_region_bytes)"
+    )]
+    RegionTooLarge {
+        /// The region's size.
+        len: u64,
+        /// The limit it broke.
+        max: u64,
+    },
+
     /// rkyv could not serialize the message.
     #[error("cannot encode the message: {0}")]
     Encode(String),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytemuck::Zeroable;
 
 use crate::buffer::{BufView, Forward, Outgoing, SharedBuf};
-use crate::codec::{AttachmentDesc, attach};
+use crate::codec::{AttachmentDesc, Limits, attach};
 use crate::send_error::SendError;
 use crate::shm::{PoolLease, PoolShared, Ticket};
 use crate::tensor::Attachment;
@@ -69,10 +69,6 @@ impl Prepared {
             }
         }
         Ok(prepared)
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.items.len()
     }
 
     fn push(&mut self, att: Attachment) -> Result<(), (Error, Attachment)> {
@@ -153,8 +149,16 @@ impl Prepared {
     }
 
     /// This set's attachment descriptors for one link, and the holds
-    /// they take for its peer (undone if describing fails half-way).
-    pub(crate) fn describe(&self, link: &mut dyn PoolPeer) -> Result<(Vec<AttachmentDesc>, Holds)> {
+    /// they take for its peer (undone if describing fails half-way). What
+    /// the peer's `limits` would refuse is refused here, before anything
+    /// is held: a region too large, or more descriptors than a frame may
+    /// carry.
+    pub(crate) fn describe(
+        &self,
+        link: &mut dyn PoolPeer,
+        limits: &Limits,
+    ) -> Result<(Vec<AttachmentDesc>, Holds)> {
+        self.check_regions(limits)?;
         let mut descs = Vec::with_capacity(self.items.len());
         let mut holds = Holds::default();
         for item in &self.items {
@@ -180,6 +184,14 @@ impl Prepared {
             }
             descs.push(desc);
         }
+        let fds: usize = self.regions(&holds).iter().map(OutRegion::fd_count).sum();
+        if fds > limits.max_attachments as usize {
+            holds.cancel(self);
+            return Err(Error::Encode(format!(
+                "the attachments need {fds} descriptors, more than the limit of {} per message; send fewer at a time",
+                limits.max_attachments
+            )));
+        }
         holds.new_pools = holds
             .items
             .iter()
@@ -190,6 +202,22 @@ impl Prepared {
             })
             .collect();
         Ok((descs, holds))
+    }
+
+    /// Refuses a region larger than the peer maps.
+    fn check_regions(&self, limits: &Limits) -> Result<()> {
+        let max = limits.max_region_bytes;
+        for item in &self.items {
+            let len = match &item.region {
+                Region::Fresh { len, .. } => *len as u64,
+                Region::Slot { lease, .. } => lease.pool().region_len(),
+                Region::View(view) => view.len() as u64,
+            };
+            if len > max {
+                return Err(Error::RegionTooLarge { len, max });
+            }
+        }
+        Ok(())
     }
 
     /// The regions a transport passes for one link, as `holds` says.

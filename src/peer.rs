@@ -33,6 +33,7 @@ pub(crate) struct Peer {
     /// The peer's limits from its HELLO; 0 until it arrived.
     max_payload_bytes: AtomicU64,
     max_attachments: AtomicU32,
+    max_region_bytes: AtomicU64,
     /// Pools whose descriptor was sent to this peer: their slots come back
     /// when it dies.
     sent_pools: Mutex<Vec<Weak<PoolShared>>>,
@@ -78,6 +79,7 @@ impl Peer {
             id: next_peer_id(),
             max_payload_bytes: AtomicU64::new(0),
             max_attachments: AtomicU32::new(0),
+            max_region_bytes: AtomicU64::new(0),
             sent_pools: Mutex::new(Vec::new()),
             process,
         }
@@ -101,6 +103,8 @@ impl Peer {
     pub(crate) fn set_limits(&self, limits: &Limits) {
         self.max_attachments
             .store(limits.max_attachments, Ordering::Relaxed);
+        self.max_region_bytes
+            .store(limits.max_region_bytes, Ordering::Relaxed);
         self.max_payload_bytes
             .store(limits.max_payload_bytes, Ordering::Release);
     }
@@ -116,6 +120,10 @@ impl Peer {
                     .max_attachments
                     .load(Ordering::Relaxed)
                     .min(ours.max_attachments),
+                max_region_bytes: self
+                    .max_region_bytes
+                    .load(Ordering::Relaxed)
+                    .min(ours.max_region_bytes),
                 ..*ours
             },
         }

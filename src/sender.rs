@@ -379,24 +379,39 @@ impl Sender {
                 prepared.finish();
                 Ok(())
             }
-            Err(error) => {
+            // Cut off half-way: the descriptors went with the first byte,
+            // so the peer may hold every attachment. Nothing comes back.
+            Err(Failure {
+                error,
+                started: true,
+            }) => {
+                prepared.finish();
+                Err(SendError {
+                    error,
+                    attachments: Vec::new(),
+                })
+            }
+            Err(Failure { error, .. }) => {
                 let attachments = prepared.hand_back();
                 Err(SendError { error, attachments })
             }
         }
     }
 
-    /// Writes the encoded message with `prepared`'s attachments. An error
+    /// Writes the encoded message with `prepared`'s attachments. A failure
     /// before the first byte leaves `prepared` whole (its holds for this
-    /// peer undone); after it, every attachment is the peer's.
+    /// peer undone); after it (`started`), every attachment is the peer's.
     pub(crate) fn write_prepared(
         &mut self,
         type_id: u64,
         prepared: &mut Prepared,
         wait: Wait,
-    ) -> Result<()> {
-        self.check_open()?;
-        let (descs, holds) = prepared.describe(self.pool_peer())?;
+    ) -> Result<(), Failure> {
+        self.check_open().map_err(Failure::before)?;
+        let limits = self.peer.send_limits(&self.limits);
+        let (descs, holds) = prepared
+            .describe(self.pool_peer(), &limits)
+            .map_err(Failure::before)?;
         let regions = prepared.regions(&holds);
         let header = FrameHeader::message(descs.len(), self.out.len(), type_id);
         let frame = OutFrame {
@@ -409,22 +424,29 @@ impl Sender {
         drop(regions);
         match written {
             Ok(()) => {
-                for pool in holds.commit(prepared) {
-                    self.peer.pool_sent(&pool);
-                    self.remember_pool(&pool);
-                }
+                self.committed(holds.commit(prepared));
                 Ok(())
             }
             Err(WriteError { started, error }) => {
                 if started {
                     self.state = State::Broken;
-                    // The peer has the attachments now, as far as we know.
-                    holds.commit(prepared);
+                    // The peer has the attachments now, as far as we know:
+                    // its death must give its slots back like any other's.
+                    self.committed(holds.commit(prepared));
                 } else {
                     holds.cancel(prepared);
                 }
-                Err(self.named(error))
+                let error = self.named(error);
+                Err(Failure { error, started })
             }
+        }
+    }
+
+    /// The pools a frame announced are known to this peer now.
+    fn committed(&mut self, new_pools: Vec<Arc<PoolShared>>) {
+        for pool in new_pools {
+            self.peer.pool_sent(&pool);
+            self.remember_pool(&pool);
         }
     }
 
@@ -475,6 +497,22 @@ impl Sender {
                 pool: Arc::downgrade(pool),
                 confirmed: false,
             });
+        }
+    }
+}
+
+/// A frame that could not be written; `started` once any byte of it left,
+/// after which its attachments are the peer's.
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    pub(crate) started: bool,
+}
+
+impl Failure {
+    fn before(error: Error) -> Failure {
+        Failure {
+            error,
+            started: false,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::codec::{self, Message};
 use crate::outgoing::Prepared;
 use crate::send_error::SendError;
+use crate::sender::Failure;
 use crate::status::ExitStatus;
 use crate::sys::{self, PollFd};
 use crate::tensor::{Attachment, Received};
@@ -371,10 +372,13 @@ impl Workers {
         let mut first_error = None;
         let mut delivered = 0;
         for worker in &mut self.workers {
-            let sent = send_prepared(worker, msg, &mut prepared);
-            match sent {
+            match send_prepared(worker, msg, &mut prepared) {
                 Ok(()) => delivered += 1,
-                Err(err) => first_error = first_error.or(Some(worker.named(err))),
+                Err(Failure { error, started }) => {
+                    // A frame cut off half-way may still have reached it.
+                    delivered += usize::from(started);
+                    first_error = first_error.or(Some(worker.named(error)));
+                }
             }
         }
         match (first_error, delivered) {
@@ -552,12 +556,17 @@ impl Workers {
 }
 
 /// Sends one prepared broadcast to `worker`, encoding within its limits.
-fn send_prepared<T: Message>(worker: &mut Worker, msg: &T, prepared: &mut Prepared) -> Result<()> {
-    worker.tx.encode(msg)?;
+fn send_prepared<T: Message>(
+    worker: &mut Worker,
+    msg: &T,
+    prepared: &mut Prepared,
+) -> Result<(), Failure> {
+    worker.tx.encode(msg).map_err(|error| Failure {
+        error,
+        started: false,
+    })?;
     let type_id = codec::fingerprint::<T>();
-    let wait = Wait::Forever;
-    debug_assert!(prepared.len() <= u32::MAX as usize);
-    worker.tx.write_prepared(type_id, prepared, wait)
+    worker.tx.write_prepared(type_id, prepared, Wait::Forever)
 }
 
 /// A framing error leaves a worker's stream unusable: it is left out of

@@ -206,6 +206,11 @@ impl Ticket {
 enum SlotState {
     Free,
     Writing,
+    /// Handed to the peers in these seats while its lease still lives (a
+    /// broadcast under way): not free, whatever those peers did with it.
+    Sending {
+        seats: u64,
+    },
     /// Handed to the peers in these seats.
     Sent {
         seats: u64,
@@ -245,6 +250,8 @@ pub(crate) struct PoolShared {
     /// This process's own futex word: bumped when the owner frees a slot
     /// itself (a lease dropped unsent, a dead peer's slots taken back).
     local_wake: AtomicU32,
+    /// Threads of this process sleeping on `local_wake`.
+    local_waiters: AtomicU32,
 }
 
 /// Pool ids only need to be unique among the pools one peer receives; pid
@@ -309,6 +316,7 @@ impl PoolShared {
             slot_stride: stride,
             table,
             local_wake: AtomicU32::new(0),
+            local_waiters: AtomicU32::new(0),
         })
     }
 
@@ -331,6 +339,11 @@ impl PoolShared {
 
     pub(crate) fn slot_len(&self) -> usize {
         self.slot_len
+    }
+
+    /// Bytes of the whole pool region a receiver maps.
+    pub(crate) fn region_len(&self) -> u64 {
+        (self.header.len() + self.data.len()) as u64
     }
 
     /// Slots that [`PoolShared::try_take`] could hand out now.
@@ -405,14 +418,16 @@ impl PoolShared {
         };
         let bit = 1u64 << seat;
         for state in table.slots.iter_mut() {
-            if let SlotState::Sent { seats } = *state
-                && seats & bit != 0
-            {
-                *state = match seats & !bit {
+            *state = match *state {
+                SlotState::Sent { seats } if seats & bit != 0 => match seats & !bit {
                     0 => SlotState::Free,
                     rest => SlotState::Sent { seats: rest },
-                };
-            }
+                },
+                SlotState::Sending { seats } => SlotState::Sending {
+                    seats: seats & !bit,
+                },
+                other => other,
+            };
         }
         table.seats[seat] = None;
         table.confirmed.retain(|&p| p != peer); // Peer ids are never reused.
@@ -422,7 +437,9 @@ impl PoolShared {
 
     fn bump_local(&self) {
         self.local_wake.fetch_add(1, Ordering::SeqCst);
-        sys::futex_wake_all(&self.local_wake);
+        if self.local_waiters.load(Ordering::SeqCst) > 0 {
+            sys::futex_wake_all(&self.local_wake);
+        }
     }
 
     /// Sleeps until a holder may have released a slot, or `timeout`
@@ -446,6 +463,7 @@ impl PoolShared {
             .flatten()
             .map(|s| s.ticket.clone())
             .collect();
+        self.local_waiters.fetch_add(1, Ordering::SeqCst);
         for t in &tickets {
             t.waiters().fetch_add(1, Ordering::SeqCst);
         }
@@ -490,16 +508,18 @@ impl PoolShared {
 fn reusable(table: &mut Table, slot: usize) -> bool {
     match table.slots[slot] {
         SlotState::Free => true,
-        SlotState::Writing => false,
+        SlotState::Writing | SlotState::Sending { .. } => false,
         SlotState::Sent { seats } => {
             let held = holders(table, seats)
                 .any(|s| s.ticket.flag(slot as u32).load(Ordering::Acquire) != FREE);
             if held {
                 return false;
             }
-            let peers: Vec<u64> = holders(table, seats).map(|s| s.peer).collect();
-            for peer in peers {
-                if !table.confirmed.contains(&peer) {
+            for seat in (0..MAX_POOL_SEATS as usize).filter(|i| seats & (1 << i) != 0) {
+                let peer = table.seats[seat].as_ref().map(|s| s.peer);
+                if let Some(peer) = peer
+                    && !table.confirmed.contains(&peer)
+                {
                     table.confirmed.push(peer);
                 }
             }
@@ -582,8 +602,8 @@ impl PoolLease {
         let state = &mut table.slots[self.slot as usize];
         let bit = 1u64 << seat;
         *state = match *state {
-            SlotState::Sent { seats } => SlotState::Sent { seats: seats | bit },
-            _ => SlotState::Sent { seats: bit },
+            SlotState::Sending { seats } => SlotState::Sending { seats: seats | bit },
+            _ => SlotState::Sending { seats: bit },
         };
         self.sent = true;
     }
@@ -591,8 +611,22 @@ impl PoolLease {
 
 impl Drop for PoolLease {
     fn drop(&mut self) {
-        if !self.sent {
-            self.pool.lock().slots[self.slot as usize] = SlotState::Free;
+        let mut table = self.pool.lock();
+        let state = &mut table.slots[self.slot as usize];
+        let freed = match (*state, self.sent) {
+            // Every peer it went to has its share now: their releases
+            // decide when it is free.
+            (SlotState::Sending { seats }, true) if seats != 0 => {
+                *state = SlotState::Sent { seats };
+                false
+            }
+            _ => {
+                *state = SlotState::Free;
+                true
+            }
+        };
+        drop(table);
+        if freed {
             self.pool.bump_local();
         }
     }

@@ -581,3 +581,102 @@ fn reserved_descriptor_fields_are_refused_and_the_link_stays_usable() {
     );
     assert_eq!(util::exit_status(&mut w), ExitStatus::Exited(0));
 }
+
+#[test]
+fn a_send_cut_off_half_way_hands_nothing_back_and_the_slot_returns_at_death() {
+    let _w = util::watchdog("cut_off_send", LIMIT);
+    let pool = BufferPool::new(1, 4096).expect("pool");
+    let mut w = deaf_worker();
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    let payload = vec![1u8; 32 << 20]; // far more than the socket holds
+    let err = w
+        .send_attached_timeout(&payload, vec![slot.into()], SHORT)
+        .expect_err("the worker never reads");
+    assert!(
+        matches!(err.error, Error::Timeout { .. }),
+        "{:?}",
+        err.error
+    );
+    assert!(
+        err.attachments.is_empty(),
+        "the slot went with the first byte"
+    );
+    assert!(
+        matches!(w.send(&1u8), Err(Error::Protocol(_))),
+        "the link is out of step"
+    );
+    w.kill().expect("kill");
+    util::exit_status(&mut w);
+    assert!(
+        util::eventually(util::STEP, || pool.available() == 1),
+        "the dead worker's slot came back"
+    );
+}
+
+#[test]
+fn a_region_larger_than_the_peer_maps_is_refused_before_sending() {
+    let _w = util::watchdog("region_limit_at_sender", LIMIT);
+    let limits = miniray::Limits {
+        max_region_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let mut w = Worker::builder()
+        .limits(limits)
+        .spawn(|h| h.recv_timeout::<()>(util::STEP))
+        .expect("spawn");
+    let pool = BufferPool::new(2, 1 << 20).expect("a pool of 2 MiB and a page");
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    let err = w
+        .send_attached(&(), vec![slot.into()])
+        .expect_err("too large");
+    assert!(
+        matches!(err.error, Error::RegionTooLarge { max, .. } if max == 1 << 20),
+        "{:?}",
+        err.error
+    );
+    assert_eq!(err.attachments.len(), 1, "the slot comes back");
+    drop(err);
+    assert_eq!(pool.available(), 2);
+    w.send(&()).expect("the link is still usable");
+    assert_eq!(util::exit_status(&mut w), ExitStatus::Exited(0));
+}
+
+#[test]
+fn forwarding_more_descriptors_than_a_frame_carries_is_refused_and_loses_nothing() {
+    let _w = util::watchdog("forward_too_many", LIMIT);
+    const SLOTS: u32 = 33; // each forwarded slot carries two descriptors
+    let mut producer = Worker::spawn(|h| {
+        let pool = BufferPool::new(SLOTS, 4096)?;
+        let slots = (0..SLOTS)
+            .map(|_| pool.acquire_timeout(util::STEP).map(Attachment::from))
+            .collect::<miniray::Result<Vec<_>>>()?;
+        h.send_attached(&(), slots)?;
+        h.recv_timeout::<()>(util::STEP)?;
+        h.send(&pool.available())
+    })
+    .expect("spawn");
+    let mut consumer =
+        Worker::spawn(|h| h.recv_attached_timeout::<()>(util::STEP).map(drop)).expect("spawn");
+    let ((), views) = producer
+        .recv_attached_timeout::<()>(util::STEP)
+        .expect("the slots");
+    let views: Vec<Attachment> = views.into_iter().map(Received::into).collect();
+    let err = consumer
+        .send_attached(&(), views)
+        .expect_err("66 descriptors");
+    assert!(
+        matches!(&err.error, Error::Encode(m) if m.contains("descriptors")),
+        "{:?}",
+        err.error
+    );
+    assert_eq!(
+        err.attachments.len(),
+        SLOTS as usize,
+        "every view comes back"
+    );
+    drop(err); // the views drop: the producer's slots go home
+    producer.send(&()).expect("ask");
+    let available: usize = producer.recv_timeout(util::STEP).expect("report");
+    assert_eq!(available, SLOTS as usize);
+    consumer.kill().expect("kill");
+}

@@ -227,3 +227,58 @@ fn a_worker_that_closes_its_side_is_left_out_and_the_others_go_on() {
     let statuses = set.wait_all_timeout(util::STEP).expect("exit");
     assert!(statuses.iter().all(ExitStatus::success), "{statuses:?}");
 }
+
+#[test]
+fn a_broadcast_slot_is_not_handed_out_while_the_broadcast_is_under_way() {
+    let _w = util::watchdog("broadcast_in_flight", LIMIT);
+    let pool = BufferPool::new(1, 4096).expect("pool");
+    let mut set = Workers::new(vec![
+        // Takes the slot, lets it go at once, says so.
+        Worker::spawn(|h| {
+            let (_, parts) = h.recv_attached_timeout::<Vec<u8>>(util::STEP)?;
+            drop(parts);
+            h.send(&())
+        })
+        .expect("spawn"),
+        // Reads nothing for a while: the broadcast waits on it.
+        Worker::spawn(|h| {
+            std::thread::sleep(Duration::from_secs(1));
+            loop {
+                match h.recv_attached_timeout::<Vec<u8>>(util::STEP) {
+                    Ok((_, parts)) if !parts.is_empty() => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .expect("spawn"),
+    ]);
+    while set[1].try_send(&vec![0u8; 4096]).is_ok() {} // fill worker 1's socket
+    let slot = pool.acquire_timeout(util::STEP).expect("slot");
+    let mut broadcaster = Workers::new(set.into_vec());
+    std::thread::scope(|s| {
+        let handle =
+            s.spawn(|| broadcaster.send_all_attached(&Vec::<u8>::new(), vec![slot.into()]));
+        // Worker 0 got its share and let it go, while worker 1's is still
+        // on its way: the slot must not be free.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            pool.try_acquire().is_none(),
+            "the slot was handed out mid-broadcast"
+        );
+        handle
+            .join()
+            .expect("thread")
+            .expect("the broadcast completes");
+    });
+    let (index, ()) = broadcaster
+        .recv_any_timeout::<()>(util::STEP)
+        .expect("worker 0's word");
+    assert_eq!(index, 0);
+    let statuses = broadcaster.wait_all_timeout(util::STEP).expect("exit");
+    assert!(statuses.iter().all(ExitStatus::success), "{statuses:?}");
+    assert!(
+        util::eventually(util::STEP, || pool.available() == 1),
+        "back once both let go"
+    );
+}

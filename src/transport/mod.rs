@@ -58,6 +58,13 @@ pub(crate) struct OutRegion<'a> {
     pub(crate) bytes: &'a [u8],
 }
 
+impl OutRegion<'_> {
+    /// Descriptors this region passes on a descriptor-passing transport.
+    pub(crate) fn fd_count(&self) -> usize {
+        usize::from(self.fd.is_some()) + usize::from(self.ticket.is_some())
+    }
+}
+
 /// A write that failed; `started` once any byte of the frame left, after
 /// which the stream holds a partial frame and the sending half is unusable.
 pub(crate) struct WriteError {

@@ -247,10 +247,15 @@ impl FrameReader {
     /// A framing error, a descriptor flood or the end of the stream: close
     /// every descriptor held and let go of the buffers at once.
     fn fail(&mut self, err: &Error) {
+        if let Error::Protocol(why) = err {
+            // Whatever was cut or flooded, the stream is out of step now.
+            self.broken.get_or_insert_with(|| why.clone());
+        }
         if matches!(
             err,
             Error::Disconnected | Error::Protocol(_) | Error::FrameTooLarge { .. }
         ) {
+            self.pending = None;
             self.batches.clear();
             self.held_fds = 0;
             self.body = AlignedVec::new();
