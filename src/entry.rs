@@ -3,8 +3,9 @@
 
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once, OnceLock};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 use crate::codec::{Limits, MAX_ATTACHMENTS_PER_FRAME};
@@ -88,9 +89,12 @@ pub fn dispatch(entries: &[(&str, EntryFn)]) {
     let code = match entries.iter().find(|(n, _)| *n == name) {
         Some((_, run)) => match adopt_socket() {
             Ok(handle) => run_worker(handle, run),
-            Err(err) => report(&name, &err, EXIT_ORPHANED),
+            Err(err) => report(&name, &error_text(&err), EXIT_ORPHANED),
         },
-        None => report(&name, &Error::UnknownEntry(name.clone()), EXIT_ORPHANED),
+        None => {
+            let err = Error::UnknownEntry(name.clone());
+            report(&name, &error_text(&err), EXIT_ORPHANED)
+        }
     };
     std::process::exit(code);
 }
@@ -182,27 +186,78 @@ fn thread_count() -> usize {
 
 /// Set in a worker process: its panics are kept for its EXIT frame.
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
-/// The last panic of this worker, as `panicked at FILE:LINE:COL: MESSAGE`.
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+/// Set in a fork-mode worker, first thing after the fork: its panics are
+/// written to stderr by the hook itself, raw, not by the previous hook.
+static FORKED: AtomicBool = AtomicBool::new(false);
+/// The last panic of this worker, as `panicked at FILE:LINE:COL: MESSAGE`:
+/// a leaked `Box<String>`, or null. An atomic pointer, not a mutex: a
+/// worker forked from a worker could inherit a mutex that one of its
+/// parent's threads held while panicking.
+static LAST_PANIC: AtomicPtr<String> = AtomicPtr::new(ptr::null_mut());
+
+/// Keeps `text` as the last panic, freeing the one it replaces.
+fn keep_last_panic(text: String) {
+    let old = LAST_PANIC.swap(Box::into_raw(Box::new(text)), Ordering::AcqRel);
+    if !old.is_null() {
+        // SAFETY: every non-null value of LAST_PANIC came from Box::into_raw
+        // and is swapped out exactly once, by whoever takes it.
+        drop(unsafe { Box::from_raw(old) });
+    }
+}
+
+/// Takes the last panic's text, if one was kept.
+fn take_last_panic() -> Option<String> {
+    let text = LAST_PANIC.swap(ptr::null_mut(), Ordering::AcqRel);
+    // SAFETY: as in `keep_last_panic`: a Box's pointer, now ours alone.
+    (!text.is_null()).then(|| *unsafe { Box::from_raw(text) })
+}
+
+/// Marks this process as a fork-mode worker. Call in the child, right
+/// after the fork, before anything can panic.
+pub(crate) fn enter_forked_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
 
 /// Installs (once) a panic hook that, in a worker, keeps the panic's
-/// message and location for the parent, then runs the previous hook. In
-/// the parent it only forwards: it takes no lock there, so a fork while a
-/// parent thread panics cannot leave its lock held in the child.
+/// message and location for the parent. In the parent and in an exec'd
+/// worker it then runs the previous hook; in the parent it does nothing
+/// else, so a fork while a parent thread panics leaves no lock of ours
+/// held in the child.
+///
+/// A forked worker never runs the previous hook: std's default hook takes
+/// locks (the test harness's output capture, the backtrace lock) that a
+/// parent thread may have held at the fork. The hook writes the message
+/// to stderr itself, raw, without a backtrace.
 pub(crate) fn capture_panics() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
-            if IN_WORKER.load(Ordering::Relaxed) {
-                let message = panic_message(info.payload());
-                let text = match info.location() {
-                    Some(at) => format!("panicked at {at}: {message}"),
-                    None => format!("panicked: {message}"),
-                };
-                *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+            let forked = FORKED.load(Ordering::Relaxed);
+            if !forked && !IN_WORKER.load(Ordering::Relaxed) {
+                return previous(info);
             }
-            previous(info);
+            // Formatting allocates, and takes no lock: glibc's malloc is
+            // fork-safe (its atfork handlers hold every arena lock across
+            // the fork and reset them in the child).
+            let message = panic_message(info.payload());
+            let at = info.location().map(|at| format!(" at {at}"));
+            let at = at.as_deref().unwrap_or("");
+            if IN_WORKER.load(Ordering::Relaxed) {
+                keep_last_panic(match at {
+                    "" => format!("panicked: {message}"),
+                    at => format!("panicked{at}: {message}"),
+                });
+            }
+            if forked {
+                let line = format!(
+                    "miniray worker {} panicked{at}:\n{message}\n",
+                    sys::getpid()
+                );
+                sys::write_stderr(line.as_bytes());
+            } else {
+                previous(info);
+            }
         }));
     });
 }
@@ -213,6 +268,8 @@ where
     F: FnOnce(&mut Handle) -> Result<()>,
 {
     IN_WORKER.store(true, Ordering::Relaxed);
+    // A worker forked from a worker may have inherited its parent's text.
+    drop(take_last_panic());
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| f(&mut handle)));
     let (code, last_word) = match &outcome {
         Ok(Ok(())) => (0, None),
@@ -220,9 +277,8 @@ where
         Err(payload) => {
             // The hook's text has the location; a hook the worker set in
             // place of ours leaves only the payload.
-            let text = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let text =
-                text.unwrap_or_else(|| format!("panicked: {}", panic_message(payload.as_ref())));
+            let text = take_last_panic()
+                .unwrap_or_else(|| format!("panicked: {}", panic_message(payload.as_ref())));
             (EXIT_PANIC, Some(text))
         }
     };
@@ -237,8 +293,8 @@ where
     // would hang the worker. `println!` lines are out already (stdout is
     // line-buffered), and exec mode's `process::exit` flushes the rest
     // without waiting on the lock.
-    if let Ok(Err(err)) = &outcome {
-        report("function", err, EXIT_ERROR);
+    if let (Ok(Err(_)), Some(text)) = (&outcome, &last_word) {
+        report("function", text, EXIT_ERROR);
     } // A panic's hook already printed its message.
     code
 }
@@ -253,6 +309,12 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// An error and its causes, on one line.
+///
+/// In a forked worker this runs after the worker's function, and takes no
+/// lock of its own: formatting allocates (glibc's malloc is fork-safe). The
+/// text of an `io::Error` comes from `strerror_r`, whose message-catalogue
+/// lookup in glibc takes read locks that only a parent thread changing the
+/// locale or text domain at the instant of the fork could leave held.
 fn error_text(err: &Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
@@ -263,11 +325,15 @@ fn error_text(err: &Error) -> String {
     text
 }
 
-fn report(what: &str, err: &Error, code: i32) -> i32 {
-    eprintln!(
-        "miniray worker {} ({what}): {}",
-        sys::getpid(),
-        error_text(err)
-    );
+/// Writes a worker's error to its stderr; returns `code`, its exit code.
+///
+/// The line is formatted first, then written raw: `eprintln!` takes the
+/// stderr lock (or the test harness's capture lock), which in a forked
+/// worker another parent thread may have held at the fork, forever. The
+/// pid cannot be formatted before the fork; formatting after it allocates,
+/// which glibc's fork-safe malloc allows, and takes no lock.
+fn report(what: &str, text: &str, code: i32) -> i32 {
+    let line = format!("miniray worker {} ({what}): {text}\n", sys::getpid());
+    sys::write_stderr(line.as_bytes());
     code
 }

@@ -1,17 +1,19 @@
 //! Starting workers: fork mode, exec mode, and the settings of both.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString, c_char};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
+use std::ptr;
 
 use crate::codec::Limits;
 use crate::entry::{self, ENV_ENTRY, ENV_FD, ENV_LIMITS, ENV_PARENT};
 use crate::handle::Handle;
 use crate::sys::{self, Fork};
+use crate::transport::unix as links;
 use crate::worker::Worker;
 use crate::{Error, Result};
 
@@ -35,6 +37,17 @@ pub struct Builder {
 
 impl Builder {
     /// Sets an environment variable in the worker before it runs.
+    ///
+    /// A forked worker gets a whole new environment, built in the parent
+    /// before the fork and installed in the child without taking a lock:
+    /// C code reading it (`getenv`, as CUDA does) sees it at once. If other
+    /// threads of the parent may be changing the environment (`set_var`,
+    /// `remove_var`), read it in the worker with `getenv` rather than
+    /// `std::env::var`: std's environment lock, which `var` takes, may
+    /// have been held or awaited by one of them at the fork, and stays so
+    /// in the child. (For the same reason, `set_var` in such a worker can
+    /// block if a parent thread was reading the environment or spawning a
+    /// process at the fork.)
     ///
     /// # Examples
     ///
@@ -87,42 +100,104 @@ impl Builder {
         F: FnOnce(&mut Handle) -> Result<()>,
     {
         check_envs(&self.envs)?;
+        // Everything the child needs is made here, before the fork: in the
+        // child, between the fork and `f`, nothing may take a lock another
+        // thread of this process may hold at the fork (it would stay held
+        // there for good), so no `set_var`, no `eprintln!`, no lazy
+        // initialization behind a `Once`.
         entry::capture_panics();
+        sys::fork_generation(); // Its `Once`, done before the fork.
+        let environ = self.environ();
         let (parent_sock, child_sock) = sys::socketpair().map_err(Error::Spawn)?;
+        // Listed from the start, so that a worker another thread forks
+        // meanwhile closes these too.
+        let parent_link = links::register(parent_sock.as_fd());
+        let child_link = links::register(child_sock.as_fd());
         let parent = sys::getpid();
         // SAFETY: the child runs `f` and leaves through `exit_now`, never
-        // returning into the caller's frames (a panic included); the
-        // multithreaded caveat is documented on `Worker`.
+        // returning into the caller's frames (a panic included); before
+        // `f` it takes no lock (see above); the multithreaded caveat for
+        // `f` itself is documented on `Worker`.
         match unsafe { sys::fork() }.map_err(Error::Spawn)? {
             Fork::Child => {
+                // Closed first, so that the walk below, which closes it
+                // again by number (it is listed), finds nothing reopened.
                 drop(parent_sock);
-                self.run_forked_child(child_sock, parent, f)
+                links::close_inherited_links(child_sock.as_raw_fd());
+                entry::enter_forked_child();
+                self.run_forked_child(child_sock, parent, environ, f)
             }
             Fork::Parent(pid) => {
+                drop(environ);
+                drop(child_link); // Unlisted before it is closed.
                 drop(child_sock);
-                Worker::adopt(pid, parent_sock, self.limits)
+                let worker = Worker::adopt(pid, parent_sock, self.limits);
+                // The link lists the socket itself by now. (If adopting
+                // failed, the socket is closed already and stays listed for
+                // this instant: at worst a worker forked meanwhile closes
+                // a descriptor of that number in itself.)
+                drop(parent_link);
+                worker
             }
         }
     }
 
-    fn run_forked_child<F>(self, sock: OwnedFd, parent: u32, f: F) -> !
+    /// The environment of a forked worker, if the builder changes it: the
+    /// current one, with the builder's entries in place of any of the same
+    /// name (the last of several wins, as with repeated `set_var`).
+    fn environ(&self) -> Option<Environ> {
+        if self.envs.is_empty() {
+            return None;
+        }
+        let ours = |name: &OsString| self.envs.iter().any(|(n, _)| n == name);
+        let mut vars: Vec<(OsString, OsString)> =
+            std::env::vars_os().filter(|(n, _)| !ours(n)).collect();
+        for (i, (name, value)) in self.envs.iter().enumerate() {
+            if !self.envs[i + 1..].iter().any(|(n, _)| n == name) {
+                vars.push((name.clone(), value.clone()));
+            }
+        }
+        let strings: Vec<CString> = vars
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let mut entry = name.into_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(value.as_bytes());
+                // No NUL: `check_envs` refused it in ours, and the OS
+                // keeps none in an environment.
+                CString::new(entry).ok()
+            })
+            .collect();
+        let mut pointers: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        pointers.push(ptr::null());
+        Some(Environ {
+            _strings: strings,
+            pointers,
+        })
+    }
+
+    fn run_forked_child<F>(self, sock: OwnedFd, parent: u32, environ: Option<Environ>, f: F) -> !
     where
         F: FnOnce(&mut Handle) -> Result<()>,
     {
         if sys::die_with_parent(parent).is_err() {
             sys::exit_now(entry::EXIT_ORPHANED);
         }
+        if let Some(environ) = environ {
+            // The strings must outlive every reader: this process.
+            let environ = Box::leak(Box::new(environ));
+            // SAFETY: a child of fork() has exactly one thread: this one;
+            // the array is null-terminated, its strings NUL-terminated
+            // `NAME=value`, all leaked and no longer touched here.
+            unsafe { sys::set_environ(environ.pointers.as_mut_ptr()) };
+        }
         // Nothing may unwind out of here into the caller's frames, which
-        // belong to the parent's copy of the program.
-        let run = || {
-            for (key, value) in &self.envs {
-                // SAFETY: a child of fork() has exactly one thread: this one.
-                unsafe { std::env::set_var(key, value) };
-            }
-            match Handle::new(sock, self.limits) {
-                Ok(handle) => entry::run_worker(handle, f),
-                Err(_) => entry::EXIT_ORPHANED,
-            }
+        // belong to the parent's copy of the program. `Handle::new` and
+        // `run_worker` take no lock before `f`: the link and its peer are
+        // new, the HELLO frame one `sendmsg`.
+        let run = || match Handle::new(sock, self.limits) {
+            Ok(handle) => entry::run_worker(handle, f),
+            Err(_) => entry::EXIT_ORPHANED,
         };
         let code = panic::catch_unwind(AssertUnwindSafe(run)).unwrap_or(entry::EXIT_PANIC);
         sys::exit_now(code)
@@ -149,6 +224,11 @@ impl Builder {
         entry::check_registered(entry)?;
         check_envs(&self.envs)?;
         let (parent_sock, child_sock) = sys::socketpair().map_err(Error::Spawn)?;
+        // Listed while the process starts, so that a worker another thread
+        // forks meanwhile closes them; dropped (on every path) before the
+        // sockets.
+        let parent_link = links::register(parent_sock.as_fd());
+        let child_link = links::register(child_sock.as_fd());
         let parent = sys::getpid();
         let child_fd = child_sock.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
@@ -173,9 +253,21 @@ impl Builder {
             })
         };
         let child = cmd.spawn().map_err(Error::Spawn)?;
+        drop(child_link);
         drop(child_sock);
-        Worker::adopt(child.id(), parent_sock, self.limits)
+        let worker = Worker::adopt(child.id(), parent_sock, self.limits);
+        drop(parent_link); // As in `spawn`.
+        worker
     }
+}
+
+/// A complete environment for a forked worker, built in the parent: the
+/// `NAME=value` strings, and the null-terminated array of pointers to them
+/// that becomes the child's `environ`.
+struct Environ {
+    /// What `pointers` points into; never read, only kept alive.
+    _strings: Vec<CString>,
+    pointers: Vec<*const c_char>,
 }
 
 /// Refuses, before any process exists, environment entries the OS cannot

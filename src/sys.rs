@@ -14,10 +14,16 @@
 //!   made: `poll` ([`PollFd`] carries no lifetime and has a `-1`
 //!   placeholder, which rustix's borrowing `PollFd` cannot express),
 //!   `fcntl(F_SETFD)` on a bare descriptor number in [`clear_cloexec`],
-//!   `close_range` (no wrapper), and `fork`, `pthread_atfork` and `_exit`,
+//!   `close` and `write` on bare descriptor numbers that may already be
+//!   closed ([`close_raw`], [`write_stderr`]), `close_range` (no wrapper),
+//!   and `fork`, `pthread_atfork`, `_exit` and the `environ` pointer,
 //!   which rustix leaves to libc (its only fork is a bare syscall for
 //!   runtimes that replace libc, and skips the `atfork` handlers that
 //!   [`fork_generation`] and libc itself rely on).
+//! - What a forked child runs before its closure ([`close_raw`],
+//!   [`set_environ`], [`write_stderr`], [`die_with_parent`], [`exit_now`])
+//!   takes no lock: another thread of the parent may have held it at the
+//!   fork, and in the child it would stay held for good.
 //! - A file descriptor becomes an [`OwnedFd`] the moment a call returns it,
 //!   before anything else can fail, so that every early return closes it.
 //! - Every descriptor it creates is close-on-exec (`SOCK_CLOEXEC`,
@@ -281,6 +287,50 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD takes any descriptor number; a closed one is EBADF.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
+}
+
+/// Closes descriptor number `fd`, ignoring errors (a number already closed
+/// is `EBADF`, and nothing else can fail). Async-signal-safe: one `close`,
+/// no lock, so a forked child may call it before anything else.
+///
+/// Raw, because the number may already be closed: rustix's `close` requires
+/// an open one.
+///
+/// # Safety
+/// Nothing in this process may use or close `fd` afterwards under the
+/// belief that it is still what it was: in a forked child, the objects of
+/// the parent's other threads and frames, which never run again there, or
+/// owners that know to leave the number alone.
+pub unsafe fn close_raw(fd: RawFd) {
+    // SAFETY: close takes any number; the caller vouches that no owner of
+    // `fd` will touch it again.
+    let _ = unsafe { libc::close(fd) };
+}
+
+/// Writes all of `bytes` to stderr (descriptor 2) with plain `write` calls,
+/// best effort: stops at the first error other than `EINTR`, or at a write
+/// that takes nothing.
+///
+/// Takes no lock: `eprintln!` takes std's stderr lock (and the test
+/// harness's capture lock, where output is captured), which in a forked
+/// child another thread of the parent may have held at the fork. Lines
+/// from several threads or processes are not interleaved within one
+/// `write`, as long as each fits one.
+///
+/// Raw, because descriptor 2 may be closed: a `BorrowedFd` of it would
+/// assert that it is open.
+pub fn write_stderr(bytes: &[u8]) {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // SAFETY: writes from a live slice of that length; a closed
+        // descriptor 2 is EBADF.
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        match n {
+            n if n > 0 => rest = &rest[n as usize..],
+            n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
 }
 
 /// Marks every descriptor above stdin, stdout and stderr close-on-exec,
@@ -589,6 +639,32 @@ extern "C" fn bump_fork_generation() {
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and has no preconditions.
     unsafe { libc::_exit(code) }
+}
+
+// libc declares `environ` for glibc only; every Linux libc defines it
+// (POSIX requires it). The same type as libc's declaration.
+unsafe extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Makes `envp` this process's environment: a plain store into libc's
+/// `environ`, which `getenv` (and std's `env::var`, and any C library)
+/// reads. Unlike `setenv` or std's `set_var`, it takes no lock and
+/// allocates nothing, so a forked child may do it while another thread of
+/// its parent held std's or libc's environment lock at the fork.
+///
+/// # Safety
+/// No other thread may read or change the environment meanwhile (a forked
+/// child before it starts any). `envp` must be a writable, null-terminated
+/// array of pointers to NUL-terminated `NAME=value` strings, all of which
+/// stay allocated for the rest of the process and are no longer touched by
+/// the caller: libc may edit the array in place (`unsetenv`) or copy it
+/// (`setenv`), but never frees an environment it did not allocate.
+pub unsafe fn set_environ(envp: *mut *const libc::c_char) {
+    // SAFETY: a single pointer store, with no reader or writer in another
+    // thread; the array and its strings outlive every later reader (the
+    // caller's promise).
+    unsafe { environ = envp.cast() };
 }
 
 /// The pid of this process.

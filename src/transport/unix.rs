@@ -13,13 +13,22 @@
 //! returns belong to the *last* frame that starts inside that read. The
 //! reader keeps each read's descriptors with the stream offsets it covered
 //! and hands them to that frame alone.
+//!
+//! Every link socket of the process is also listed, by descriptor number,
+//! in a lock-free registry ([`register`]), so that a forked worker can
+//! close the links of every other worker before it runs any user code
+//! ([`close_inherited_links`]). Registering happens when a link is made;
+//! sending and receiving never touch the registry.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::mem::ManuallyDrop;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ops::Deref;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use rkyv::util::AlignedVec;
 
@@ -30,18 +39,22 @@ use crate::{Error, Result};
 
 /// The sending half: writes whole frames, descriptors with the first byte.
 pub(crate) struct UnixTx {
-    sock: Arc<UnixStream>,
+    sock: Arc<LinkSocket>,
 }
 
 /// The receiving half: the socket and the frame being assembled.
 pub(crate) struct UnixRx {
-    sock: Arc<UnixStream>,
+    sock: Arc<LinkSocket>,
     reader: FrameReader,
 }
 
 /// Both halves over one connected stream socket.
 pub(crate) fn split(sock: OwnedFd) -> (UnixTx, UnixRx) {
-    let sock = Arc::new(UnixStream::from(sock));
+    let registration = register(sock.as_fd());
+    let sock = Arc::new(LinkSocket {
+        stream: ManuallyDrop::new(UnixStream::from(sock)),
+        registration,
+    });
     let rx = UnixRx {
         sock: sock.clone(),
         reader: FrameReader::default(),
@@ -114,6 +127,151 @@ impl UnixRx {
             body: self.reader.body(),
             fds: frame.fds,
             truncated: frame.truncated,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The registry of link descriptors
+// ---------------------------------------------------------------------------
+
+/// Places in [`LINKS`]. Big enough never to fill in practice: each link
+/// costs the parent a socket and a pidfd and a worker process, so 4,096
+/// live links mean more than 8,192 descriptors (eight times the usual
+/// `ulimit -n` of 1,024) and 4,096 processes. A link made while it is full
+/// is not registered (see [`register`]). A forked child walks the places
+/// used so far ([`LINKS_USED`]), at most 16 KiB of loads.
+const LINK_SLOTS: usize = 4096;
+
+/// The descriptor number of every link socket of this process (-1: a free
+/// place), for [`close_inherited_links`]. Atomics rather than a locked
+/// list: a forked child reads it before anything else, and a lock held by
+/// another thread at the fork would be held there for good.
+static LINKS: [AtomicI32; LINK_SLOTS] = [const { AtomicI32::new(-1) }; LINK_SLOTS];
+
+/// How many places at the start of [`LINKS`] have ever been used: the
+/// rest are free, and a forked child's walk stops there.
+static LINKS_USED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bumped by each [`close_inherited_links`], that is in each forked child:
+/// a [`Registration`] made at an earlier value names a descriptor that the
+/// child already closed.
+static LINK_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// A descriptor number's place in [`LINKS`], given up on drop: drop it
+/// before the descriptor is closed, so that the number is never listed
+/// while it names another file. Several registrations of one number (a
+/// socket listed while spawning, and again by its link) are fine.
+pub(crate) struct Registration {
+    /// `None` when the registry was full.
+    slot: Option<usize>,
+    epoch: u64,
+}
+
+/// Lists `fd` as a link descriptor until the registration is dropped: a
+/// worker forked meanwhile closes it first thing. Scans for a free place,
+/// so it costs two atomic operations per place in use; it runs only when a
+/// link is made.
+///
+/// If all [`LINK_SLOTS`] places are taken, `fd` is not listed, and workers
+/// forked while it lives inherit it, as they did before this registry.
+pub(crate) fn register(fd: BorrowedFd<'_>) -> Registration {
+    let raw = fd.as_raw_fd();
+    let epoch = LINK_EPOCH.load(Ordering::Relaxed);
+    let slot = (0..LINK_SLOTS).find(|&i| {
+        // Raised before the place is taken, so that a walk never stops
+        // short of a listed descriptor.
+        LINKS_USED.fetch_max(i + 1, Ordering::AcqRel);
+        LINKS[i]
+            .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    });
+    Registration { slot, epoch }
+}
+
+impl Registration {
+    /// Whether a forked child's [`close_inherited_links`] closed this
+    /// descriptor: the registration was made in the parent, before the
+    /// fork, and inherited.
+    fn closed_by_fork(&self) -> bool {
+        self.slot.is_some() && LINK_EPOCH.load(Ordering::Relaxed) != self.epoch
+    }
+
+    fn release(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            // An inherited registration's place was emptied by the child's
+            // walk and may have been taken by one of the child's own links.
+            if LINK_EPOCH.load(Ordering::Relaxed) == self.epoch {
+                LINKS[slot].store(-1, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Closes every registered link descriptor but `keep`, and empties the
+/// registry. For a forked child, right after `fork` and before any user
+/// code: what it inherited of other workers' links (the parent's end of
+/// each, and both ends of a link another thread was making) would let it
+/// read their messages, or keep a dead peer's socket open. Takes no lock
+/// and allocates nothing.
+///
+/// A socket pair another thread made in the instant before the fork and
+/// had not listed yet is still inherited.
+pub(crate) fn close_inherited_links(keep: RawFd) {
+    let used = LINKS_USED.load(Ordering::Acquire).min(LINK_SLOTS);
+    for place in &LINKS[..used] {
+        // Free places are only read, not written: the child copies no page
+        // of the registry that holds nothing.
+        if place.load(Ordering::Acquire) < 0 {
+            continue;
+        }
+        let fd = place.swap(-1, Ordering::AcqRel);
+        if fd >= 0 && fd != keep {
+            // SAFETY: this is a forked child with one thread. The owners of
+            // these descriptors are the parent's objects: those of other
+            // threads and of the frames below the fork never run again
+            // here, and a link the closure took along knows, from the epoch
+            // bumped below, to leave the number alone. A number listed twice
+            // is closed twice, harmlessly: nothing opens a file in between.
+            unsafe { sys::close_raw(fd) };
+        }
+    }
+    LINKS_USED.store(0, Ordering::Release);
+    LINK_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A link's socket, listed in the registry for as long as it is open.
+/// Shared by both halves.
+struct LinkSocket {
+    stream: ManuallyDrop<UnixStream>,
+    registration: Registration,
+}
+
+impl Deref for LinkSocket {
+    type Target = UnixStream;
+
+    fn deref(&self) -> &UnixStream {
+        &self.stream
+    }
+}
+
+impl Drop for LinkSocket {
+    fn drop(&mut self) {
+        let closed_by_fork = self.registration.closed_by_fork();
+        self.registration.release(); // Before the number is closed.
+        // SAFETY: taken once, here; `self.stream` is not used again.
+        let stream = unsafe { ManuallyDrop::take(&mut self.stream) };
+        if closed_by_fork {
+            // A link the parent had, dropped in a forked child that closed
+            // its descriptor already: the number may name another file by
+            // now, so it is not closed again.
+            let _ = stream.into_raw_fd();
         }
     }
 }
