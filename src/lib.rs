@@ -3,7 +3,8 @@
 //! A research training loop spawns worker processes, talks to them with
 //! typed messages, and hands them large batches and tensors without copying.
 //!
-//! - A [`Worker`] is a child process joined to its parent by a Unix socket.
+//! - A [`Worker`] is a child process joined to its parent by a connection
+//!   (a Unix socket pair), with the same verbs as the worker's [`Handle`].
 //!   [`Worker::spawn`] forks and runs a closure; [`Worker::exec`] starts the
 //!   same binary again at an entry point registered with [`dispatch`].
 //! - Messages are any type with rkyv's derives ([`Message`]); they are
@@ -79,10 +80,25 @@
 //!
 //! # Many workers
 //!
-//! [`recv_any`] returns whichever worker answers first, so one slow worker
-//! never holds up the rest. Failures are values: a worker that panics,
-//! exits or is killed makes `recv` return [`Error::WorkerDied`] with its pid
-//! and exit status.
+//! A [`Workers`] set holds any mix of workers. [`Workers::recv_any`]
+//! returns whichever worker answers first, fairly, so one busy or slow
+//! worker never holds up the rest; [`Workers::send_all_attached`] hands one
+//! buffer to all without a copy. Failures are values: a worker that panics,
+//! exits or is killed makes `recv` return [`Error::WorkerDied`] with its
+//! pid, exit status and panic message.
+//!
+//! ```
+//! use miniray::{Worker, Workers};
+//!
+//! let mut set: Workers = (0..4u32)
+//!     .map(|rank| Worker::spawn(move |h| h.send(&(rank * 10))))
+//!     .collect::<miniray::Result<_>>()?;
+//! let mut got: Vec<u32> = (0..4).map(|_| set.recv_any::<u32>().map(|(_, v)| v)).collect::<miniray::Result<_>>()?;
+//! got.sort();
+//! assert_eq!(got, [0, 10, 20, 30]);
+//! set.wait_all()?;
+//! # Ok::<(), miniray::Error>(())
+//! ```
 //!
 //! The layout of the bytes on the socket is specified in `docs/PROTOCOL.md`;
 //! how a buffer travels and who owns it when is in `docs/ZERO_COPY.md`.

@@ -258,6 +258,21 @@ impl Receiver {
         self.forwarding = keep_fds;
     }
 
+    /// Waits for the peer's HELLO alone, leaving whatever follows it
+    /// buffered for the next receive.
+    pub(crate) fn await_hello(&mut self, wait: Wait) -> Result<()> {
+        while !self.greeted {
+            self.check_ended()?;
+            if !self.wait_frame(wait)? {
+                return Err(wait.expired());
+            }
+            if self.take_next::<()>()?.is_some() {
+                unreachable!("the first frame is a HELLO or an error");
+            }
+        }
+        Ok(())
+    }
+
     /// Reads until a whole message is buffered, or `wait` runs out; HELLO
     /// frames on the way are taken in.
     pub(crate) fn receive<T: Message>(&mut self, wait: Wait) -> Result<Option<(T, Vec<Received>)>> {

@@ -550,7 +550,11 @@ impl Workers {
             Err(err @ (Error::WorkerDied { .. } | Error::Disconnected)) => {
                 finished(worker, Some(err))
             }
-            Err(err) => Err(settle(worker, err)),
+            // A framing error: its stream is unusable from now on.
+            Err(err) => {
+                worker.left_out = true;
+                Err(worker.named(err))
+            }
         }
     }
 }

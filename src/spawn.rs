@@ -131,7 +131,7 @@ impl Builder {
                 drop(environ);
                 drop(child_link); // Unlisted before it is closed.
                 drop(child_sock);
-                let worker = Worker::adopt(pid, parent_sock, self.limits);
+                let worker = Worker::adopt_forked(pid, parent_sock, self.limits);
                 // The link lists the socket itself by now. (If adopting
                 // failed, the socket is closed already and stays listed for
                 // this instant: at worst a worker forked meanwhile closes

@@ -12,7 +12,12 @@ use crate::sender::Sender;
 use crate::status::ExitStatus;
 use crate::transport;
 use crate::verbs::verbs;
+use crate::wait::Wait;
 use crate::{Error, Result};
+
+/// How long a forked worker may take to say hello: it has nothing to do
+/// before that but arm its parent-death signal and set its environment.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A worker process and the connection to it.
 ///
@@ -94,6 +99,23 @@ impl Worker {
             pid,
             left_out: false,
         })
+    }
+
+    /// As [`adopt`](Self::adopt), for a forked child: waits for its HELLO,
+    /// which it sends once it has armed its parent-death signal, so that a
+    /// forked worker, like an exec'd one, is surely killed when the thread
+    /// that spawned it exits.
+    pub(crate) fn adopt_forked(pid: u32, sock: OwnedFd, limits: Limits) -> Result<Worker> {
+        let mut worker = Worker::adopt(pid, sock, limits)?;
+        match worker.rx.await_hello(Wait::timeout(START_TIMEOUT)) {
+            Err(err @ Error::Timeout { .. }) => Err(Error::Spawn(std::io::Error::other(format!(
+                "the forked worker did not start: {err}"
+            )))),
+            // It said hello, or it already ran and ended, or it sent
+            // something a receive will report: either way it is past arming
+            // the signal, and what it sent is for the caller to receive.
+            _ => Ok(worker),
+        }
     }
 
     /// The worker's process id.

@@ -43,6 +43,7 @@ fn main() {
         case!(panicking_entry_is_exit_101),
         case!(failing_entry_is_exit_1),
         case!(a_set_mixes_forked_and_execd_workers),
+        case!(execd_workers_die_with_the_thread_that_spawned_them),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -249,4 +250,17 @@ fn a_set_mixes_forked_and_execd_workers() {
         1,
         "the broadcast slot came back from all four"
     );
+}
+
+/// Exec'd workers are killed when the thread that spawned them ends, as
+/// forked ones are (tests/fork_safety.rs).
+fn execd_workers_die_with_the_thread_that_spawned_them() {
+    for _ in 0..10 {
+        let mut w = thread::spawn(|| Worker::exec("echo"))
+            .join()
+            .expect("the spawning thread")
+            .expect("exec");
+        let status = w.wait_timeout(util::STEP).expect("it dies with its thread");
+        assert_eq!(status, ExitStatus::Signaled(9));
+    }
 }
