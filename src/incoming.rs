@@ -54,7 +54,7 @@ fn decode_one(
         attach::MEMFD => {
             let fd = next_fd()?;
             checked?;
-            BufView::from_memfd(fd, len, keep_fds, max_region_bytes)?
+            BufView::from_memfd(fd, len, keep_fds, max_region_bytes).map_err(peer_region)?
         }
         attach::POOLED => {
             let key = (desc.pool_id, desc.seat);
@@ -63,7 +63,11 @@ fn decode_one(
                 // The pool's region, then this receiver's ticket for it.
                 _ => next_fd()
                     .and_then(|fd| Ok((fd, next_fd()?)))
-                    .and_then(|fds| pools.register(key, fds, max_region_bytes)),
+                    .and_then(|fds| {
+                        pools
+                            .register(key, fds, max_region_bytes)
+                            .map_err(peer_region)
+                    }),
             };
             // Looked up even if the announcement failed: an unknown pool's
             // slot is remembered, to be released once the pool is mapped.
@@ -83,11 +87,25 @@ fn decode_one(
         other => return Err(Error::Protocol(format!("unknown attachment kind {other}"))),
     };
     match desc.dtype {
-        0 => Ok(Received::Buf(view)),
+        // Plain bytes need no shape, but the rules for one hold on every
+        // descriptor (at most 8 dimensions, zero past `ndim`).
+        0 => desc.shape().map(|_| Received::Buf(view)),
         code => Ok(Received::Tensor(TensorView::new(
             DType::from_code(code)?,
             desc.shape()?,
             view,
         )?)),
+    }
+}
+
+/// A region the peer sent that cannot be mapped as the protocol needs (a
+/// pool's ticket opened read-only, or sealed against writes, when it is
+/// mapped writable; a region larger than this process can map) is the
+/// peer's fault, not a failure to create a buffer of our own. Running out
+/// of descriptors stays what it is.
+fn peer_region(err: Error) -> Error {
+    match err {
+        Error::Buffer(e) => Error::Protocol(format!("cannot map a region the peer sent ({e})")),
+        other => other,
     }
 }

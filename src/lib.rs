@@ -115,6 +115,8 @@ mod incoming;
 mod outgoing;
 mod peer;
 mod pool;
+#[cfg(test)]
+mod proptests;
 mod receiver;
 mod send_error;
 mod sender;

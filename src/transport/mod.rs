@@ -141,4 +141,12 @@ impl Rx {
             Rx::Unix(r) => r.take(),
         }
     }
+
+    /// Bytes the receiving half holds for frames not yet handed out.
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        match self {
+            Rx::Unix(r) => r.held_bytes(),
+        }
+    }
 }

@@ -120,6 +120,12 @@ impl UnixRx {
         self.reader.fill(self.sock.as_fd(), limits, blocking)
     }
 
+    /// Bytes the reader holds for frames: its body buffer and read-ahead.
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.reader.body.capacity() + self.reader.ahead.len()
+    }
+
     pub(crate) fn take(&mut self) -> InFrame<'_> {
         let frame = self.reader.take();
         InFrame {
@@ -621,10 +627,14 @@ fn read(
     let max_fds = limits.max_attachments as usize;
     match sys::recv_msg(sock, buf, &mut fds, max_fds, blocking == Blocking::No) {
         // A full control buffer cut short is a peer over the limit, not
-        // this process at its descriptor limit (which delivers fewer).
-        Ok(r) if r.truncated && fds.len() >= max_fds => Err(Error::Protocol(format!(
-            "the peer attached more descriptors to one message than the limit of {max_fds}"
-        ))),
+        // this process at its descriptor limit (which delivers fewer). The
+        // buffer is padded to a whole word, so past an odd limit one more
+        // descriptor fits in it untruncated: over the limit all the same.
+        Ok(r) if fds.len() > max_fds || (r.truncated && fds.len() >= max_fds) => {
+            Err(Error::Protocol(format!(
+                "the peer attached more descriptors to one message than the limit of {max_fds}"
+            )))
+        }
         Ok(r) => Ok(Some(Read {
             len: r.len,
             fds,
