@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::Shutdown;
 use std::ops::RangeInclusive;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -598,8 +598,8 @@ fn exit_text_round_trips_through_header_and_body() {
 // 3. Attachment descriptors and their descriptors
 // ---------------------------------------------------------------------------
 
-const SEAL_SHRINK: u32 = libc::F_SEAL_SHRINK as u32;
-const SEAL_GROW: u32 = libc::F_SEAL_GROW as u32;
+const SEAL_SHRINK: u32 = sys::SEAL_SHRINK;
+const SEAL_GROW: u32 = sys::SEAL_GROW;
 /// What an honest sender seals a fresh region with.
 const SEALED: u32 = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
 /// What a receiver needs on a fresh region: its size and bytes fixed.
@@ -878,12 +878,7 @@ impl ForgedTicket {
 
 /// Both ends of a new pipe.
 fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
-    // SAFETY: both are new descriptors that nothing else owns.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    sys::pipe().expect("pipe2")
 }
 
 fn page() -> u64 {
@@ -1121,69 +1116,15 @@ fn seat() -> impl Strategy<Value = u32> {
     prop_oneof![4 => 0u32..=2, 2 => 0u32..=63, 1 => any::<u32>()]
 }
 
-fn item() -> impl Strategy<Value = Item> {
-    let raw_fds = prop_oneof![
-        7 => Just(Vec::new()),
-        2 => vec(any_fd(), 1),
-        1 => vec(any_fd(), 2),
-    ];
-    let raw = (vec(any::<u8>(), DESC_LEN), raw_fds).prop_map(|(desc, fds)| Item::Raw { desc, fds });
-    let region_fd = prop_oneof![
-        12 => plain_fd().prop_map(Some),
-        1 => any_fd().prop_map(Some),
-        1 => Just(None),
-    ];
-    let region =
-        (region_fd, len_sel(), tensor_sel(), changed()).prop_map(|(fd, len, tensor, changed)| {
-            Item::Region {
-                fd,
-                len,
-                tensor,
-                changed,
-            }
-        });
+/// A slot descriptor's item: a pool named, its announcement and the rest.
+fn slot_item() -> impl Strategy<Value = Item> {
     let pool = prop_oneof![
         6 => (0..POOLS.len() + 1).prop_map(PoolSel::Fixture),
         4 => Just(PoolSel::Forged),
         1 => any::<u64>().prop_map(PoolSel::Unknown),
     ];
-    let slot = pool.prop_flat_map(|pool| {
-        let (announce, ticket) = match &pool {
-            PoolSel::Fixture(i) => {
-                let i = *i;
-                let region = prop_oneof![
-                    6 => Just(Some(FdSpec::Pool(i))),
-                    3 => Just(None),
-                    1 => Just(Some(FdSpec::PoolReadOnly(i))),
-                    1 => any_fd().prop_map(Some),
-                ]
-                .sboxed();
-                let ticket = prop_oneof![
-                    6 => (0..SEATS).prop_map(move |k| FdSpec::Ticket(i, k)),
-                    1 => fixture_ticket().prop_map(|(j, k)| FdSpec::Ticket(j, k)),
-                    1 => (0..SEATS).prop_map(move |k| FdSpec::TicketReadOnly(i, k)),
-                    2 => forged_ticket().prop_map(FdSpec::ForgedTicket),
-                    1 => any_fd(),
-                ]
-                .sboxed();
-                (region, ticket)
-            }
-            PoolSel::Forged => (
-                prop_oneof![
-                    6 => forged_pool().prop_map(|f| Some(FdSpec::Forged(f))),
-                    1 => Just(None),
-                    1 => plain_fd().prop_map(Some),
-                ]
-                .sboxed(),
-                prop_oneof![
-                    6 => forged_ticket().prop_map(FdSpec::ForgedTicket),
-                    1 => fixture_ticket().prop_map(|(j, k)| FdSpec::Ticket(j, k)),
-                    1 => any_fd(),
-                ]
-                .sboxed(),
-            ),
-            PoolSel::Unknown(_) => (proptest::option::of(any_fd()).sboxed(), any_fd().sboxed()),
-        };
+    pool.prop_flat_map(|pool| {
+        let (announce, ticket) = announcement(&pool);
         let ticket = prop_oneof![12 => ticket.prop_map(Some), 1 => Just(None)];
         // Mostly a slot the fixture has, so that valid slots are common.
         let slot = match &pool {
@@ -1208,7 +1149,72 @@ fn item() -> impl Strategy<Value = Item> {
                     changed,
                 }
             })
-    });
+    })
+}
+
+/// The descriptors that may announce `pool`: its region (or none), and a
+/// ticket.
+fn announcement(pool: &PoolSel) -> (SBoxedStrategy<Option<FdSpec>>, SBoxedStrategy<FdSpec>) {
+    match pool {
+        PoolSel::Fixture(i) => {
+            let i = *i;
+            let region = prop_oneof![
+                6 => Just(Some(FdSpec::Pool(i))),
+                3 => Just(None),
+                1 => Just(Some(FdSpec::PoolReadOnly(i))),
+                1 => any_fd().prop_map(Some),
+            ]
+            .sboxed();
+            let ticket = prop_oneof![
+                6 => (0..SEATS).prop_map(move |k| FdSpec::Ticket(i, k)),
+                1 => fixture_ticket().prop_map(|(j, k)| FdSpec::Ticket(j, k)),
+                1 => (0..SEATS).prop_map(move |k| FdSpec::TicketReadOnly(i, k)),
+                2 => forged_ticket().prop_map(FdSpec::ForgedTicket),
+                1 => any_fd(),
+            ]
+            .sboxed();
+            (region, ticket)
+        }
+        PoolSel::Forged => (
+            prop_oneof![
+                6 => forged_pool().prop_map(|f| Some(FdSpec::Forged(f))),
+                1 => Just(None),
+                1 => plain_fd().prop_map(Some),
+            ]
+            .sboxed(),
+            prop_oneof![
+                6 => forged_ticket().prop_map(FdSpec::ForgedTicket),
+                1 => fixture_ticket().prop_map(|(j, k)| FdSpec::Ticket(j, k)),
+                1 => any_fd(),
+            ]
+            .sboxed(),
+        ),
+        PoolSel::Unknown(_) => (proptest::option::of(any_fd()).sboxed(), any_fd().sboxed()),
+    }
+}
+
+fn item() -> impl Strategy<Value = Item> {
+    let raw_fds = prop_oneof![
+        7 => Just(Vec::new()),
+        2 => vec(any_fd(), 1),
+        1 => vec(any_fd(), 2),
+    ];
+    let raw = (vec(any::<u8>(), DESC_LEN), raw_fds).prop_map(|(desc, fds)| Item::Raw { desc, fds });
+    let region_fd = prop_oneof![
+        12 => plain_fd().prop_map(Some),
+        1 => any_fd().prop_map(Some),
+        1 => Just(None),
+    ];
+    let region =
+        (region_fd, len_sel(), tensor_sel(), changed()).prop_map(|(fd, len, tensor, changed)| {
+            Item::Region {
+                fd,
+                len,
+                tensor,
+                changed,
+            }
+        });
+    let slot = slot_item();
     prop_oneof![1 => raw, 3 => region, 3 => slot]
 }
 
@@ -1477,12 +1483,37 @@ impl Maker<'_> {
         forged_id: u64,
         ticket_for: (u64, u32),
     ) -> (OwnedFd, Made) {
-        let n = self.pools.len();
-        let reopen = |fd: BorrowedFd<'_>| {
-            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            OwnedFd::from(std::fs::File::open(path).expect("reopen read-only"))
+        // A forged region too large to make stands in as a plain pipe.
+        let made = self
+            .make_fd(spec, salt, forged_id, ticket_for)
+            .or_else(|| self.make_fd(&FdSpec::PipeRead, salt, forged_id, ticket_for));
+        let (fd, made) = made.expect("a pipe can always be made");
+        let id = ident(fd.as_fd());
+        let left = match made {
+            // The fixture's own descriptor stays.
+            Made::Memfd {
+                content: Content::Pool(_) | Content::Ticket(_),
+                ..
+            } => 1,
+            _ if matches!(spec, FdSpec::DevNull) => usize::MAX, // Filled in by the case.
+            _ => 0,
         };
-        let (fd, made) = match spec {
+        if left != usize::MAX {
+            self.ledger.expect(id, left, format!("{spec:?}"));
+        }
+        (fd, made)
+    }
+
+    /// The descriptor `spec` asks for, and what it is; `None` for a forged
+    /// region too large to make.
+    fn make_fd(
+        &self,
+        spec: &FdSpec,
+        salt: usize,
+        forged_id: u64,
+        ticket_for: (u64, u32),
+    ) -> Option<(OwnedFd, Made)> {
+        Some(match spec {
             FdSpec::Memfd { size, seals } => {
                 let fd = sys::memfd_create(c"proptest", *size).expect("memfd");
                 let file = std::fs::File::from(fd);
@@ -1511,89 +1542,51 @@ impl Maker<'_> {
                 (OwnedFd::from(file), Made::NotRegion)
             }
             FdSpec::Socket => (sys::socketpair().expect("socketpair").0, Made::NotRegion),
-            FdSpec::Pool(i) | FdSpec::PoolReadOnly(i) => {
-                let i = i % n;
-                let pool = &self.pools[i];
-                let writable = matches!(spec, FdSpec::Pool(_));
-                let fd = match writable {
-                    true => pool.fd().try_clone_to_owned().expect("dup"),
-                    false => reopen(pool.fd()),
-                };
+            FdSpec::Pool(i) => self.fixture_fd(*i, None, true),
+            FdSpec::PoolReadOnly(i) => self.fixture_fd(*i, None, false),
+            FdSpec::Ticket(i, k) => self.fixture_fd(*i, Some(*k), true),
+            FdSpec::TicketReadOnly(i, k) => self.fixture_fd(*i, Some(*k), false),
+            FdSpec::Forged(forged) => forged_pool_fd(forged, forged_id)?,
+            FdSpec::ForgedTicket(forged) => {
+                let (fd, content) = forged.create(ticket_for)?;
                 let made = Made::Memfd {
-                    size: pool.size,
-                    seals: POOL_SEALS,
-                    content: Content::Pool(i),
-                    writable,
+                    size: sys::file_len(fd.as_fd()).expect("fstat"),
+                    seals: forged.seals,
+                    content,
+                    writable: true,
                 };
                 (fd, made)
             }
-            FdSpec::Ticket(i, k) | FdSpec::TicketReadOnly(i, k) => {
-                let i = i % n;
-                let pool = &self.pools[i];
-                let writable = matches!(spec, FdSpec::Ticket(..));
-                let fd = match writable {
-                    true => pool.ticket(*k).try_clone_to_owned().expect("dup"),
-                    false => reopen(pool.ticket(*k)),
-                };
-                let made = Made::Memfd {
-                    size: pool.ticket_size,
-                    seals: TICKET_SEALS,
-                    content: Content::Ticket(i),
-                    writable,
-                };
-                (fd, made)
+        })
+    }
+
+    /// Another descriptor of fixture pool `i`'s region, or of its ticket
+    /// `ticket`, writable or reopened read-only.
+    fn fixture_fd(&self, i: usize, ticket: Option<usize>, writable: bool) -> (OwnedFd, Made) {
+        let i = i % self.pools.len();
+        let pool = &self.pools[i];
+        let (fd, size, seals, content) = match ticket {
+            None => (pool.fd(), pool.size, POOL_SEALS, Content::Pool(i)),
+            Some(k) => (
+                pool.ticket(k),
+                pool.ticket_size,
+                TICKET_SEALS,
+                Content::Ticket(i),
+            ),
+        };
+        let fd = match writable {
+            true => fd.try_clone_to_owned().expect("dup"),
+            false => {
+                let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                OwnedFd::from(std::fs::File::open(path).expect("reopen read-only"))
             }
-            FdSpec::Forged(forged) => match forged.create(forged_id) {
-                Some((fd, header)) => {
-                    let size = sys::file_len(fd.as_fd()).expect("fstat");
-                    let content = match spec_pool_header(&header, size) {
-                        Some((id, slots, slot_len, data_len)) if data_len <= MAPPABLE => {
-                            Content::ForgedPool {
-                                id,
-                                slots,
-                                slot_len,
-                            }
-                        }
-                        Some(_) => Content::Huge,
-                        None => Content::BadPool,
-                    };
-                    let made = Made::Memfd {
-                        size,
-                        seals: forged.seals,
-                        content,
-                        writable: true,
-                    };
-                    (fd, made)
-                }
-                // Too large to make: stands in as a plain pipe.
-                None => return self.make(&FdSpec::PipeRead, salt, forged_id, ticket_for),
-            },
-            FdSpec::ForgedTicket(forged) => match forged.create(ticket_for) {
-                Some((fd, content)) => {
-                    let made = Made::Memfd {
-                        size: sys::file_len(fd.as_fd()).expect("fstat"),
-                        seals: forged.seals,
-                        content,
-                        writable: true,
-                    };
-                    (fd, made)
-                }
-                None => return self.make(&FdSpec::PipeRead, salt, forged_id, ticket_for),
-            },
         };
-        let id = ident(fd.as_fd());
-        let left = match made {
-            // The fixture's own descriptor stays.
-            Made::Memfd {
-                content: Content::Pool(_) | Content::Ticket(_),
-                ..
-            } => 1,
-            _ if matches!(spec, FdSpec::DevNull) => usize::MAX, // Filled in by the case.
-            _ => 0,
+        let made = Made::Memfd {
+            size,
+            seals,
+            content,
+            writable,
         };
-        if left != usize::MAX {
-            self.ledger.expect(id, left, format!("{spec:?}"));
-        }
         (fd, made)
     }
 
@@ -1704,194 +1697,283 @@ fn build_item(
     known: &mut Vec<(u64, u32)>,
     max_region: u64,
 ) -> Built {
+    match item {
+        Item::Raw { .. } => build_raw(item, index, maker),
+        Item::Region { .. } => build_region(item, index, maker, max_region),
+        Item::Slot { .. } => build_slot(item, index, maker, known, max_region),
+    }
+}
+
+/// `d` with the mutation `changed` applied, and whether it stayed the same.
+fn with_change(d: &AttachmentDesc, changed: &Option<(usize, Mutation)>) -> (AttachmentDesc, bool) {
+    let mut after = *d;
+    if let Some((field, m)) = changed {
+        let bytes = bytemuck::bytes_of_mut(&mut after);
+        mutate(bytes, DESC_FIELDS[*field], m);
+    }
+    (after, after == *d)
+}
+
+fn build_raw(item: &Item, index: usize, maker: &mut Maker<'_>) -> Built {
+    let Item::Raw { desc, fds } = item else {
+        unreachable!("dispatched by kind")
+    };
+    let forged_id = FORGED_ID + index as u64;
+    let fds = fds
+        .iter()
+        .map(|s| maker.make(s, index, forged_id, (forged_id, 1)).0)
+        .collect();
+    Built {
+        desc: bytemuck::pod_read_unaligned(desc),
+        fds,
+        expect: Expect::Unknown,
+        head: Vec::new(),
+    }
+}
+
+fn build_region(item: &Item, index: usize, maker: &mut Maker<'_>, max_region: u64) -> Built {
+    let Item::Region {
+        fd,
+        len,
+        tensor,
+        changed,
+    } = item
+    else {
+        unreachable!("dispatched by kind")
+    };
     let forged_id = FORGED_ID + index as u64;
     let mut d = AttachmentDesc::zeroed();
-    let unchanged = |d: &AttachmentDesc, changed: &Option<(usize, Mutation)>| {
-        let mut after = *d;
-        if let Some((field, m)) = changed {
-            let bytes = bytemuck::bytes_of_mut(&mut after);
-            mutate(bytes, DESC_FIELDS[*field], m);
-        }
-        (after, after == *d)
+    let made = fd
+        .as_ref()
+        .map(|s| maker.make(s, index, forged_id, (forged_id, 1)));
+    let cap = match made {
+        Some((_, Made::Memfd { size, .. })) => size,
+        Some((ref fd, _)) => sys::file_len(fd.as_fd()).unwrap_or(0),
+        None => 4096,
     };
-    match item {
-        Item::Raw { desc, fds } => {
-            let fds = fds
-                .iter()
-                .map(|s| maker.make(s, index, forged_id, (forged_id, 1)).0)
-                .collect();
-            Built {
-                desc: bytemuck::pod_read_unaligned(desc),
-                fds,
-                expect: Expect::Unknown,
-                head: Vec::new(),
+    d.kind = attach::MEMFD;
+    d.len_bytes = len.resolve(cap);
+    let tensor_ok = tensor.as_ref().is_none_or(|t| t.apply(&mut d));
+    let (after, same) = with_change(&d, changed);
+    // docs/PROTOCOL.md: a fresh region is sealed against resizing
+    // and writes, within the size limit, at least as long as the
+    // attachment.
+    let expect = match made.as_ref().map(|(_, m)| *m) {
+        _ if !same => Expect::Unknown,
+        None => Expect::Err(Class::Protocol),
+        Some(Made::NotRegion) => Expect::Err(Class::Protocol),
+        Some(Made::Memfd { size, seals, .. }) => {
+            if seals & REGION_NEEDS != REGION_NEEDS {
+                Expect::Err(Class::Unsealed)
+            } else if size > max_region || d.len_bytes > size || !tensor_ok {
+                Expect::Err(Class::Protocol)
+            } else if d.len_bytes <= MAPPABLE {
+                Expect::Ok
+            } else {
+                Expect::Unknown
             }
         }
-        Item::Region {
-            fd,
-            len,
-            tensor,
-            changed,
-        } => {
-            let made = fd
-                .as_ref()
-                .map(|s| maker.make(s, index, forged_id, (forged_id, 1)));
-            let cap = match made {
-                Some((_, Made::Memfd { size, .. })) => size,
-                Some((ref fd, _)) => sys::file_len(fd.as_fd()).unwrap_or(0),
-                None => 4096,
-            };
-            d.kind = attach::MEMFD;
-            d.len_bytes = len.resolve(cap);
-            let tensor_ok = tensor.as_ref().is_none_or(|t| t.apply(&mut d));
-            let (after, same) = unchanged(&d, changed);
-            // docs/PROTOCOL.md: a fresh region is sealed against resizing
-            // and writes, within the size limit, at least as long as the
-            // attachment.
-            let expect = match made.as_ref().map(|(_, m)| *m) {
-                _ if !same => Expect::Unknown,
-                None => Expect::Err(Class::Protocol),
-                Some(Made::NotRegion) => Expect::Err(Class::Protocol),
-                Some(Made::Memfd { size, seals, .. }) => {
-                    if seals & REGION_NEEDS != REGION_NEEDS {
-                        Expect::Err(Class::Unsealed)
-                    } else if size > max_region || d.len_bytes > size || !tensor_ok {
-                        Expect::Err(Class::Protocol)
-                    } else if d.len_bytes <= MAPPABLE {
-                        Expect::Ok
-                    } else {
-                        Expect::Unknown
-                    }
-                }
-            };
-            let head = match made.as_ref().map(|(_, m)| *m) {
-                Some(Made::Memfd {
-                    size,
-                    content: Content::Pattern,
-                    ..
-                }) => {
-                    let mut p = pattern(size, index);
-                    p.truncate(d.len_bytes.min(64) as usize);
-                    p
-                }
-                _ => Vec::new(),
-            };
-            Built {
-                desc: after,
-                fds: made.map(|(fd, _)| fd).into_iter().collect(),
-                expect,
-                head,
-            }
+    };
+    let head = match made.as_ref().map(|(_, m)| *m) {
+        Some(Made::Memfd {
+            size,
+            content: Content::Pattern,
+            ..
+        }) => {
+            let mut p = pattern(size, index);
+            p.truncate(d.len_bytes.min(64) as usize);
+            p
         }
-        Item::Slot {
-            pool,
-            fd,
-            ticket,
-            slot,
-            seat,
-            len,
-            tensor,
-            changed,
-        } => {
-            let n = maker.pools.len();
-            d.pool_id = match pool {
-                PoolSel::Fixture(i) => maker.pools[i % n].id,
-                PoolSel::Forged => forged_id,
-                PoolSel::Unknown(id) => *id,
-            };
-            // The pool a forged ticket is made for: the one named.
-            let ticket_for = match (pool, fd) {
-                (PoolSel::Fixture(i), _) => (d.pool_id, maker.pools[i % n].slots),
-                (PoolSel::Forged, Some(FdSpec::Forged(f))) => (d.pool_id, f.slots),
-                _ => (d.pool_id, 1),
-            };
-            let region = fd
-                .as_ref()
-                .map(|s| maker.make(s, index, forged_id, ticket_for));
-            // Sent only after a region: a ticket alone is no announcement.
-            let ticket = match region {
-                Some(_) => ticket
-                    .as_ref()
-                    .map(|s| maker.make(s, index + 50, forged_id, ticket_for)),
-                None => None,
-            };
-            let named = match pool {
-                PoolSel::Fixture(i) => {
-                    let p = &maker.pools[i % n];
-                    Some((p.slots, p.slot_len))
-                }
-                PoolSel::Forged => match region.as_ref().map(|(_, m)| *m) {
-                    Some(Made::Memfd {
-                        content:
-                            Content::ForgedPool {
-                                id,
-                                slots,
-                                slot_len,
-                                ..
-                            },
-                        ..
-                    }) if id == forged_id => Some((slots, slot_len)),
-                    _ => None,
-                },
-                PoolSel::Unknown(_) => None,
-            };
-            d.kind = attach::POOLED;
-            d.slot = *slot;
-            d.seat = *seat;
-            d.flags = if region.is_some() { attach::POOL_FD } else { 0 };
-            d.len_bytes = len.resolve(named.map_or(4096, |n| n.1));
-            let tensor_ok = tensor.as_ref().is_none_or(|t| t.apply(&mut d));
-            let (after, same) = unchanged(&d, changed);
-            // Pools are known by id and seat. A link that knows the pool
-            // closes the new descriptors unread; one that does not maps
-            // them, if it can. The dropped pool may have been let go since
-            // it was known (a link unmaps a retired pool nobody holds when
-            // it maps another).
-            let key = (d.pool_id, d.seat);
-            let retired = matches!(pool, PoolSel::Fixture(i) if i % n == n - 1);
-            let was_known = known.contains(&key);
-            let state = match &region {
-                None => PoolState::Silent,
-                Some(_) if was_known && !retired => PoolState::Known,
-                Some((_, r)) => {
-                    let t = ticket.as_ref().map(|(_, t)| *t);
-                    match maker.announce(*r, t, d.pool_id, max_region) {
-                        Announced::Mapped { .. } => PoolState::Known,
-                        _ if was_known => PoolState::Unknown,
-                        Announced::Refused(class) => PoolState::Refused(class),
-                        Announced::Unknown => PoolState::Unknown,
-                    }
-                }
-            };
-            if state == PoolState::Known && same && !was_known {
-                known.push(key);
-            }
-            let expect = match state {
-                _ if !same => Expect::Unknown,
-                PoolState::Unknown => Expect::Unknown,
-                PoolState::Refused(class) => Expect::Err(class),
-                _ if !known.contains(&key) => Expect::Err(Class::Protocol),
-                PoolState::Silent if retired => Expect::Unknown,
-                _ => match named {
-                    None => Expect::Unknown,
-                    Some((slots, slot_len)) => {
-                        let fits = d.slot < slots && d.len_bytes <= slot_len;
-                        if fits && d.seat < 64 && tensor_ok {
-                            Expect::Ok
-                        } else {
-                            Expect::Err(Class::Protocol)
-                        }
-                    }
-                },
-            };
-            Built {
-                desc: after,
-                fds: region.into_iter().chain(ticket).map(|(fd, _)| fd).collect(),
-                expect,
-                head: Vec::new(),
-            }
-        }
+        _ => Vec::new(),
+    };
+    Built {
+        desc: after,
+        fds: made.map(|(fd, _)| fd).into_iter().collect(),
+        expect,
+        head,
     }
+}
+
+fn build_slot(
+    item: &Item,
+    index: usize,
+    maker: &mut Maker<'_>,
+    known: &mut Vec<(u64, u32)>,
+    max_region: u64,
+) -> Built {
+    let Item::Slot {
+        pool,
+        fd,
+        ticket,
+        slot,
+        seat,
+        len,
+        tensor,
+        changed,
+    } = item
+    else {
+        unreachable!("dispatched by kind")
+    };
+    let forged_id = FORGED_ID + index as u64;
+    let mut d = AttachmentDesc::zeroed();
+    let n = maker.pools.len();
+    d.pool_id = match pool {
+        PoolSel::Fixture(i) => maker.pools[i % n].id,
+        PoolSel::Forged => forged_id,
+        PoolSel::Unknown(id) => *id,
+    };
+    // The pool a forged ticket is made for: the one named.
+    let ticket_for = match (pool, fd) {
+        (PoolSel::Fixture(i), _) => (d.pool_id, maker.pools[i % n].slots),
+        (PoolSel::Forged, Some(FdSpec::Forged(f))) => (d.pool_id, f.slots),
+        _ => (d.pool_id, 1),
+    };
+    let region = fd
+        .as_ref()
+        .map(|s| maker.make(s, index, forged_id, ticket_for));
+    // Sent only after a region: a ticket alone is no announcement.
+    let ticket = match region {
+        Some(_) => ticket
+            .as_ref()
+            .map(|s| maker.make(s, index + 50, forged_id, ticket_for)),
+        None => None,
+    };
+    let named = named_layout(pool, region.as_ref().map(|(_, m)| *m), maker, forged_id);
+    d.kind = attach::POOLED;
+    d.slot = *slot;
+    d.seat = *seat;
+    d.flags = if region.is_some() { attach::POOL_FD } else { 0 };
+    d.len_bytes = len.resolve(named.map_or(4096, |n| n.1));
+    let tensor_ok = tensor.as_ref().is_none_or(|t| t.apply(&mut d));
+    let (after, same) = with_change(&d, changed);
+    // Pools are known by id and seat. A link that knows the pool
+    // closes the new descriptors unread; one that does not maps
+    // them, if it can. The dropped pool may have been let go since
+    // it was known (a link unmaps a retired pool nobody holds when
+    // it maps another).
+    let key = (d.pool_id, d.seat);
+    let retired = matches!(pool, PoolSel::Fixture(i) if i % n == n - 1);
+    let announced = region
+        .as_ref()
+        .map(|(_, r)| (*r, ticket.as_ref().map(|(_, t)| *t)));
+    let state = pool_state(maker, announced, key, retired, known, max_region);
+    if state == PoolState::Known && same && !known.contains(&key) {
+        known.push(key);
+    }
+    let known_now = known.contains(&key);
+    let fits = named.map(|(slots, slot_len)| {
+        d.slot < slots && d.len_bytes <= slot_len && d.seat < 64 && tensor_ok
+    });
+    let expect = slot_expect(state, same, known_now, retired, fits);
+    Built {
+        desc: after,
+        fds: region.into_iter().chain(ticket).map(|(fd, _)| fd).collect(),
+        expect,
+        head: Vec::new(),
+    }
+}
+
+/// What a link makes of a slot's pool: announced with `announced` (region
+/// and ticket as made), known before as `known` says, retired or not.
+///
+/// Pools are known by id and seat. A link that knows the pool closes the
+/// new descriptors unread; one that does not maps them, if it can. The
+/// dropped pool may have been let go since it was known (a link unmaps a
+/// retired pool nobody holds when it maps another).
+fn pool_state(
+    maker: &Maker<'_>,
+    announced: Option<(Made, Option<Made>)>,
+    key: (u64, u32),
+    retired: bool,
+    known: &[(u64, u32)],
+    max_region: u64,
+) -> PoolState {
+    let was_known = known.contains(&key);
+    match announced {
+        None => PoolState::Silent,
+        Some(_) if was_known && !retired => PoolState::Known,
+        Some((region, ticket)) => match maker.announce(region, ticket, key.0, max_region) {
+            Announced::Mapped { .. } => PoolState::Known,
+            _ if was_known => PoolState::Unknown,
+            Announced::Refused(class) => PoolState::Refused(class),
+            Announced::Unknown => PoolState::Unknown,
+        },
+    }
+}
+
+/// The layout (slots, slot length) of the pool a slot names, if the test
+/// knows it: a fixture's, or a forged pool's made for this item.
+fn named_layout(
+    pool: &PoolSel,
+    region: Option<Made>,
+    maker: &Maker<'_>,
+    forged_id: u64,
+) -> Option<(u32, u64)> {
+    match pool {
+        PoolSel::Fixture(i) => {
+            let p = &maker.pools[i % maker.pools.len()];
+            Some((p.slots, p.slot_len))
+        }
+        PoolSel::Forged => match region {
+            Some(Made::Memfd {
+                content:
+                    Content::ForgedPool {
+                        id,
+                        slots,
+                        slot_len,
+                        ..
+                    },
+                ..
+            }) if id == forged_id => Some((slots, slot_len)),
+            _ => None,
+        },
+        PoolSel::Unknown(_) => None,
+    }
+}
+
+/// What decoding a slot must give: `fits` is whether the slot lies within
+/// the named pool's layout (`None` if the layout is not known).
+fn slot_expect(
+    state: PoolState,
+    same: bool,
+    known: bool,
+    retired: bool,
+    fits: Option<bool>,
+) -> Expect {
+    match state {
+        _ if !same => Expect::Unknown,
+        PoolState::Unknown => Expect::Unknown,
+        PoolState::Refused(class) => Expect::Err(class),
+        _ if !known => Expect::Err(Class::Protocol),
+        PoolState::Silent if retired => Expect::Unknown,
+        _ => match fits {
+            None => Expect::Unknown,
+            Some(true) => Expect::Ok,
+            Some(false) => Expect::Err(Class::Protocol),
+        },
+    }
+}
+
+/// A forged pool region and what the test can tell of it from its header.
+fn forged_pool_fd(forged: &ForgedPool, forged_id: u64) -> Option<(OwnedFd, Made)> {
+    let (fd, header) = forged.create(forged_id)?;
+    let size = sys::file_len(fd.as_fd()).expect("fstat");
+    let content = match spec_pool_header(&header, size) {
+        Some((id, slots, slot_len, data_len)) if data_len <= MAPPABLE => Content::ForgedPool {
+            id,
+            slots,
+            slot_len,
+        },
+        Some(_) => Content::Huge,
+        None => Content::BadPool,
+    };
+    let made = Made::Memfd {
+        size,
+        seals: forged.seals,
+        content,
+        writable: true,
+    };
+    Some((fd, made))
 }
 
 /// Descriptors an attachment descriptor takes: one for a fresh region,

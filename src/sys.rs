@@ -388,7 +388,11 @@ pub fn is_peer_gone(err: &io::Error) -> bool {
 // ---------------------------------------------------------------------------
 
 /// Seals that fix a memfd's size.
-pub const SEAL_SIZE: u32 = SealFlags::SHRINK.union(SealFlags::GROW).bits();
+pub const SEAL_SIZE: u32 = SEAL_SHRINK | SEAL_GROW;
+/// Seal that forbids shrinking a memfd.
+pub const SEAL_SHRINK: u32 = SealFlags::SHRINK.bits();
+/// Seal that forbids growing a memfd.
+pub const SEAL_GROW: u32 = SealFlags::GROW.bits();
 /// Seal that forbids `write` and any new writable mapping (Linux 5.1);
 /// writable mappings made before it stay writable. A pool's owner keeps
 /// its own that way.
@@ -399,6 +403,17 @@ pub const SEAL_FUTURE_WRITE: u32 = SealFlags::FUTURE_WRITE.bits();
 pub const SEAL_WRITE: u32 = SealFlags::WRITE.bits();
 /// Seal that forbids adding more seals.
 pub const SEAL_SEAL: u32 = SealFlags::SEAL.bits();
+
+/// Both ends of a new pipe, close-on-exec: (read end, write end). For
+/// tests: the crate itself has no pipes.
+#[cfg(test)]
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded: both are new descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
 
 /// A new anonymous memory file of `len_bytes`, close-on-exec, sealable.
 pub fn memfd_create(name: &CStr, len_bytes: u64) -> io::Result<OwnedFd> {
