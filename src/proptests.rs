@@ -1822,22 +1822,7 @@ fn build_slot(
         PoolSel::Forged => forged_id,
         PoolSel::Unknown(id) => *id,
     };
-    // The pool a forged ticket is made for: the one named.
-    let ticket_for = match (pool, fd) {
-        (PoolSel::Fixture(i), _) => (d.pool_id, maker.pools[i % n].slots),
-        (PoolSel::Forged, Some(FdSpec::Forged(f))) => (d.pool_id, f.slots),
-        _ => (d.pool_id, 1),
-    };
-    let region = fd
-        .as_ref()
-        .map(|s| maker.make(s, index, forged_id, ticket_for));
-    // Sent only after a region: a ticket alone is no announcement.
-    let ticket = match region {
-        Some(_) => ticket
-            .as_ref()
-            .map(|s| maker.make(s, index + 50, forged_id, ticket_for)),
-        None => None,
-    };
+    let (region, ticket) = slot_fds(maker, (pool, fd, ticket), index, forged_id, d.pool_id);
     let named = named_layout(pool, region.as_ref().map(|(_, m)| *m), maker, forged_id);
     d.kind = attach::POOLED;
     d.slot = *slot;
@@ -1871,6 +1856,37 @@ fn build_slot(
         expect,
         head: Vec::new(),
     }
+}
+
+/// A descriptor made for a case, and what it is.
+type MadeFd = (OwnedFd, Made);
+
+/// The descriptors a slot item sends: its pool's region, then a ticket
+/// (sent only after a region: a ticket alone is no announcement).
+fn slot_fds(
+    maker: &mut Maker<'_>,
+    (pool, fd, ticket): (&PoolSel, &Option<FdSpec>, &Option<FdSpec>),
+    index: usize,
+    forged_id: u64,
+    pool_id: u64,
+) -> (Option<MadeFd>, Option<MadeFd>) {
+    let n = maker.pools.len();
+    // The pool a forged ticket is made for: the one named.
+    let ticket_for = match (pool, fd) {
+        (PoolSel::Fixture(i), _) => (pool_id, maker.pools[i % n].slots),
+        (PoolSel::Forged, Some(FdSpec::Forged(f))) => (pool_id, f.slots),
+        _ => (pool_id, 1),
+    };
+    let region = fd
+        .as_ref()
+        .map(|s| maker.make(s, index, forged_id, ticket_for));
+    let ticket = match region {
+        Some(_) => ticket
+            .as_ref()
+            .map(|s| maker.make(s, index + 50, forged_id, ticket_for)),
+        None => None,
+    };
+    (region, ticket)
 }
 
 /// What a link makes of a slot's pool: announced with `announced` (region
