@@ -364,13 +364,7 @@ impl Sender {
             ));
             return refuse(error, attachments);
         }
-        let encoded = codec::encode(
-            msg,
-            &mut self.out,
-            &mut self.arena,
-            limits.max_payload_bytes,
-        );
-        if let Err(error) = encoded {
+        if let Err(error) = self.encode(msg) {
             return refuse(error, attachments);
         }
         let mut prepared = Prepared::new(attachments)?;
