@@ -50,6 +50,12 @@ pub mod kind {
     pub const EXIT: u16 = 3;
     /// The sender will send nothing more (a half-close).
     pub const CLOSE: u16 = 4;
+    /// A step of the TCP handshake (`auth.rs`); before any other frame.
+    pub const AUTH: u16 = 5;
+    /// Server to client on a control connection: how the worker ended.
+    pub const STATUS: u16 = 6;
+    /// Client to server on a control connection: end the worker now.
+    pub const KILL: u16 = 7;
 }
 
 /// Attachment kinds.
@@ -61,6 +67,9 @@ pub mod attach {
     pub const POOLED: u32 = 2;
     /// Flag on a `POOLED` attachment: the pool's memfd is attached.
     pub const POOL_FD: u32 = 1;
+    /// Bytes in the stream (TCP): `len_bytes` of them follow the payload,
+    /// in attachment order, and arrive in a region of the receiver's own.
+    pub const STREAM: u32 = 3;
 }
 
 /// Feature bits of a HELLO. Bits this build does not know are ignored,

@@ -180,6 +180,23 @@ pub enum Error {
     /// `Worker::exec` named an entry point that `dispatch` did not register.
     #[error("no entry point named {0:?}; register it in the list given to miniray::dispatch")]
     UnknownEntry(String),
+
+    /// A remote handshake failed: the peer refused our key, could not
+    /// prove it knows it, or refused the request. The text says which and
+    /// what to check.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+
+    /// A remote peer refused a request after authenticating (an unknown
+    /// entry point, no room for another worker), or sent what the remote
+    /// protocol does not allow.
+    #[error("the server at {addr} refused: {reason}")]
+    Refused {
+        /// The server's address.
+        addr: std::net::SocketAddr,
+        /// What it said.
+        reason: String,
+    },
 }
 
 /// `Result` with [`Error`].
