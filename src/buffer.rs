@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytemuck::Pod;
 
+use crate::landing::Landing;
 use crate::shm::{PoolLease, PoolMapping, checked_region};
 use crate::sys::{self, MapOptions, Mapping};
 use crate::{Error, Result};
@@ -405,6 +406,9 @@ enum ViewBacking {
         slot: u32,
         seat: u32,
     },
+    /// A region of our own that a streaming transport filled; back to
+    /// that connection's receive pool on drop.
+    Landed(Landing),
 }
 
 /// How a view can travel on to another process, if it can.
@@ -462,9 +466,45 @@ impl BufView {
         }
     }
 
+    /// Bytes that a streaming transport landed in `landing` (none for an
+    /// empty attachment).
+    pub(crate) fn landed(landing: Option<Landing>, len: usize) -> BufView {
+        let backing = match landing {
+            Some(landing) => ViewBacking::Landed(landing),
+            None => ViewBacking::Empty { fd: None },
+        };
+        BufView { len, backing }
+    }
+
+    /// Whether this view's bytes landed from a stream (see
+    /// [`seal_landed`](Self::seal_landed)).
+    pub(crate) fn is_landed(&self) -> bool {
+        matches!(self.backing, ViewBacking::Landed(_))
+    }
+
+    /// Makes a landed view sendable to a local peer: its region leaves the
+    /// receive pool and is sealed like a fresh one, then mapped read-only.
+    /// Other views are left as they are.
+    ///
+    /// # Errors
+    /// [`Error::Buffer`] if the kernel refuses to seal or map the region;
+    /// the view is then empty.
+    pub(crate) fn seal_landed(&mut self) -> Result<()> {
+        let empty = ViewBacking::Empty { fd: None };
+        let ViewBacking::Landed(landing) = std::mem::replace(&mut self.backing, empty) else {
+            return Ok(());
+        };
+        let fd = landing.into_sealed(self.len)?;
+        *self = BufView::from_memfd(fd, self.len, true, u64::MAX)?;
+        Ok(())
+    }
+
     /// What a forward of this view sends, or why it cannot be forwarded.
     pub(crate) fn forward(&self) -> Result<Forward<'_>> {
         match &self.backing {
+            ViewBacking::Landed(_) => Err(Error::View(
+                "a view received over TCP is sealed before it goes on to a local worker".into(),
+            )),
             ViewBacking::Empty { fd: Some(fd) } | ViewBacking::Memfd { fd: Some(fd), .. } => {
                 Ok(Forward::Memfd(fd.as_fd()))
             }
@@ -550,6 +590,7 @@ impl BufView {
             ViewBacking::Empty { .. } => return &[],
             ViewBacking::Memfd { map, .. } => map.as_ptr(),
             ViewBacking::Pooled { pool, slot, .. } => pool.slot_ptr(*slot),
+            ViewBacking::Landed(landing) => return landing.bytes(self.len),
         };
         // SAFETY: ptr points to a live read-only mapping of at least `len`
         // bytes held by `self`. A fresh region is write-sealed; a pool slot

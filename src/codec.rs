@@ -23,6 +23,7 @@ use rkyv::validation::archive::ArchiveValidator;
 use rkyv::validation::shared::SharedValidator;
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::status::ExitStatus;
 use crate::{Error, Result};
 
 #[cfg(target_endian = "big")]
@@ -172,6 +173,22 @@ pub struct ExitPrefix {
     pub reserved: u32,
 }
 
+/// The payload of a STATUS frame: how a remote worker ended, as its
+/// server reaped it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct StatusBody {
+    /// [`STATUS_EXITED`] or [`STATUS_SIGNALED`].
+    pub how: u32,
+    /// The exit code, or the signal number.
+    pub value: i32,
+}
+
+/// [`StatusBody::how`]: the worker exited with code `value`.
+pub const STATUS_EXITED: u32 = 1;
+/// [`StatusBody::how`]: the worker was killed by signal `value`.
+pub const STATUS_SIGNALED: u32 = 2;
+
 pub const HEADER_LEN: usize = size_of::<FrameHeader>();
 pub const DESC_LEN: usize = size_of::<AttachmentDesc>();
 pub const HELLO_LEN: usize = size_of::<Hello>();
@@ -211,6 +228,9 @@ const _: () = {
     assert!(offset_of!(Hello, reserved) == 36);
     assert!(offset_of!(Hello, reserved2) == 40);
     assert!(EXIT_PREFIX_LEN == 8);
+    assert!(size_of::<StatusBody>() == 8);
+    assert!(offset_of!(StatusBody, how) == 0);
+    assert!(offset_of!(StatusBody, value) == 4);
 };
 
 /// Inline messages above this belong in a shared buffer; the limit stops a
@@ -402,7 +422,7 @@ pub(crate) fn decode<T: Message>(type_id: u64, payload: &[u8], max_depth: u32) -
 }
 
 impl FrameHeader {
-    fn new(kind: u16, payload_len: usize) -> FrameHeader {
+    pub(crate) fn new(kind: u16, payload_len: usize) -> FrameHeader {
         FrameHeader {
             magic: MAGIC,
             version: VERSION,
@@ -547,6 +567,46 @@ impl Hello {
             max_attachments: self.max_attachments.min(MAX_ATTACHMENTS_PER_FRAME),
             max_depth: self.max_depth,
             max_region_bytes: self.max_region_bytes,
+        }
+    }
+}
+
+impl StatusBody {
+    /// The whole STATUS frame for `status`: header, then body.
+    pub fn frame(status: ExitStatus) -> [u8; HEADER_LEN + 8] {
+        let body = match status {
+            ExitStatus::Exited(code) => StatusBody {
+                how: STATUS_EXITED,
+                value: code,
+            },
+            ExitStatus::Signaled(sig) => StatusBody {
+                how: STATUS_SIGNALED,
+                value: sig,
+            },
+        };
+        let mut frame = [0u8; HEADER_LEN + 8];
+        let header = FrameHeader::new(kind::STATUS, size_of::<StatusBody>());
+        frame[..HEADER_LEN].copy_from_slice(bytemuck::bytes_of(&header));
+        frame[HEADER_LEN..].copy_from_slice(bytemuck::bytes_of(&body));
+        frame
+    }
+
+    /// Reads a whole STATUS frame, header checked.
+    pub fn parse(frame: &[u8]) -> Result<ExitStatus> {
+        let bad = || Error::Protocol("malformed STATUS frame from the server".into());
+        if frame.len() != HEADER_LEN + size_of::<StatusBody>() {
+            return Err(bad());
+        }
+        let header: FrameHeader = bytemuck::pod_read_unaligned(&frame[..HEADER_LEN]);
+        let expected = FrameHeader::new(kind::STATUS, size_of::<StatusBody>());
+        if header != expected {
+            return Err(bad());
+        }
+        let body: StatusBody = bytemuck::pod_read_unaligned(&frame[HEADER_LEN..]);
+        match body.how {
+            STATUS_EXITED => Ok(ExitStatus::Exited(body.value)),
+            STATUS_SIGNALED => Ok(ExitStatus::Signaled(body.value)),
+            _ => Err(bad()),
         }
     }
 }

@@ -187,6 +187,17 @@ pub enum Error {
     #[error("authentication failed: {0}")]
     Auth(String),
 
+    /// The connection to a remote worker's server ended without word of
+    /// the worker: the server or its host died, or the network between
+    /// failed (detected within the liveness bound, 10 s by default).
+    #[error(
+        "lost the connection to the server at {addr} (the server or its host died, or the network failed)"
+    )]
+    ServerLost {
+        /// The server's address.
+        addr: std::net::SocketAddr,
+    },
+
     /// A remote peer refused a request after authenticating (an unknown
     /// entry point, no room for another worker), or sent what the remote
     /// protocol does not allow.

@@ -4,6 +4,7 @@ use std::os::fd::OwnedFd;
 
 use crate::buffer::BufView;
 use crate::codec::{AttachmentDesc, DESC_LEN, attach};
+use crate::landing::Landing;
 use crate::shm::{MAX_POOL_SEATS, ReceivedPools};
 use crate::tensor::{DType, Received, TensorView};
 use crate::{Error, Result};
@@ -14,17 +15,30 @@ use crate::{Error, Result};
 /// never strands the good ones' slots in the sender's pool.
 pub(crate) fn decode_attachments(
     desc_bytes: &[u8],
-    fds: Vec<OwnedFd>,
+    (fds, landed): (Vec<OwnedFd>, Vec<Option<Landing>>),
     pools: &mut ReceivedPools,
     keep_fds: bool,
     max_region_bytes: u64,
 ) -> (Vec<Received>, Option<Error>) {
     let mut fds = fds.into_iter();
+    let mut landed = landed.into_iter();
     let mut out = Vec::with_capacity(desc_bytes.len() / DESC_LEN);
     let mut failed = None;
     for chunk in desc_bytes.chunks_exact(DESC_LEN) {
         let desc: AttachmentDesc = bytemuck::pod_read_unaligned(chunk);
-        match decode_one(&desc, &mut fds, pools, (keep_fds, max_region_bytes)) {
+        let decoded = match desc.kind {
+            // The transport checked the kind, lengths and sum already.
+            attach::STREAM => match landed.next() {
+                Some(landing) => Ok(typed(
+                    &desc,
+                    BufView::landed(landing, desc.len_bytes as usize),
+                )),
+                None => Err(Error::Protocol("attachment without its bytes".into())),
+            }
+            .and_then(|r| r),
+            _ => decode_one(&desc, &mut fds, pools, (keep_fds, max_region_bytes)),
+        };
+        match decoded {
             Ok(received) => out.push(received),
             Err(err) => failed = failed.or(Some(err)),
         }
@@ -86,6 +100,12 @@ fn decode_one(
         }
         other => return Err(Error::Protocol(format!("unknown attachment kind {other}"))),
     };
+    typed(desc, view)
+}
+
+/// The view as the descriptor types it: plain bytes or a tensor.
+fn typed(desc: &AttachmentDesc, view: BufView) -> Result<Received> {
+    desc.check_reserved()?;
     match desc.dtype {
         // Plain bytes need no shape, but the rules for one hold on every
         // descriptor (at most 8 dimensions, zero past `ndim`).

@@ -112,6 +112,7 @@ mod entry;
 mod error;
 mod handle;
 mod incoming;
+mod landing;
 mod outgoing;
 mod peer;
 mod pool;

@@ -22,6 +22,9 @@ use crate::{Error, Result};
 
 /// What a link needs to know of its peer to describe a pool slot.
 pub(crate) trait PoolPeer {
+    /// Whether attachments reach this peer as bytes in the stream (TCP)
+    /// rather than as descriptors.
+    fn streams(&self) -> bool;
     /// The peer's id (its seat's owner).
     fn peer_id(&self) -> u64;
     /// Whether the peer surely has `pool` mapped (no descriptor needed).
@@ -80,14 +83,6 @@ impl Prepared {
             Attachment::View(view) => Region::View(view),
             Attachment::TensorView(t) => Region::View(t.into_buf()),
         };
-        if let Region::View(view) = &region
-            && let Err(error) = view.forward()
-        {
-            let Region::View(view) = region else {
-                unreachable!()
-            };
-            return Err((error, Attachment::rebuild_view((dtype, shape), view)));
-        }
         self.items.push(Item {
             dtype,
             shape,
@@ -140,7 +135,13 @@ impl Prepared {
 
     /// All peers have their share: let forwarded views go without
     /// releasing (their new holder gives them back).
-    pub(crate) fn finish(self) {
+    /// The frame left: views passed on to a descriptor-passing peer are
+    /// that peer's to give back now; over a stream (`streamed`), their
+    /// bytes were copied out and they are simply dropped.
+    pub(crate) fn finish(self, streamed: bool) {
+        if streamed {
+            return;
+        }
         for item in self.items {
             if let Region::View(view) = item.region {
                 view.forwarded();
@@ -153,11 +154,58 @@ impl Prepared {
     /// the peer's `limits` would refuse is refused here, before anything
     /// is held: a region too large, or more descriptors than a frame may
     /// carry.
+    /// Readies views that landed from a stream to go on to a peer that
+    /// takes descriptors: each is sealed as a fresh region
+    /// ([`BufView::seal_landed`]).
+    pub(crate) fn seal_landed(&mut self) -> Result<()> {
+        for item in &mut self.items {
+            if let Region::View(view) = &mut item.region {
+                view.seal_landed()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Over a stream, every attachment is its bytes: no pool, no
+    /// descriptor, nothing held once the frame is written.
+    fn describe_streamed(&self, limits: &Limits) -> Result<(Vec<AttachmentDesc>, Holds)> {
+        let mut descs = Vec::with_capacity(self.items.len());
+        for item in &self.items {
+            let len = match &item.region {
+                Region::Fresh { len, .. } | Region::Slot { len, .. } => *len,
+                Region::View(view) => view.len(),
+            } as u64;
+            if len > limits.max_region_bytes {
+                let max = limits.max_region_bytes;
+                return Err(Error::RegionTooLarge { len, max });
+            }
+            let mut desc = AttachmentDesc::zeroed();
+            desc.set_tensor(item.dtype, &item.shape);
+            desc.kind = attach::STREAM;
+            desc.len_bytes = len;
+            descs.push(desc);
+        }
+        let holds = Holds {
+            items: self.items.iter().map(|_| None).collect(),
+            new_pools: Vec::new(),
+            streamed: true,
+        };
+        Ok((descs, holds))
+    }
+
     pub(crate) fn describe(
         &self,
         link: &mut dyn PoolPeer,
         limits: &Limits,
     ) -> Result<(Vec<AttachmentDesc>, Holds)> {
+        if link.streams() {
+            return self.describe_streamed(limits);
+        }
+        for item in &self.items {
+            if let Region::View(view) = &item.region {
+                view.forward()?;
+            }
+        }
         self.check_regions(limits)?;
         let mut descs = Vec::with_capacity(self.items.len());
         let mut holds = Holds::default();
@@ -226,6 +274,11 @@ impl Prepared {
             .iter()
             .zip(&holds.items)
             .map(|(item, hold)| match (&item.region, hold) {
+                (Region::View(view), _) if holds.streamed => OutRegion {
+                    fd: None,
+                    ticket: None,
+                    bytes: view.as_bytes(),
+                },
                 (Region::Fresh { fd, .. }, _) => OutRegion {
                     fd: Some(fd.as_fd()),
                     ticket: None,
@@ -335,6 +388,8 @@ pub(crate) struct Holds {
     /// Per item, in order: the hold of a pool slot, `None` otherwise.
     items: Vec<Option<SlotHold>>,
     new_pools: Vec<Arc<PoolShared>>,
+    /// Described for a stream: regions are their bytes alone.
+    streamed: bool,
 }
 
 struct SlotHold {

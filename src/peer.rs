@@ -4,14 +4,19 @@
 //! Both halves of an endpoint share one `Peer`. Liveness lives here, not in
 //! the calls: a local child is watched through a pidfd (so a worker that
 //! dies is seen even while a process it forked holds its socket open); a
-//! parent, seen from its worker, is watched through the connection alone.
+//! remote worker through the control connection to its server (see
+//! [`crate::remote`]), which becomes readable when the server reports how
+//! the worker ended, or when the server is gone; a parent, seen from its
+//! worker, is watched through the connection alone.
 
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::codec::Limits;
+use crate::codec::{FrameHeader, HEADER_LEN, Limits, StatusBody, kind};
 use crate::shm::PoolShared;
 use crate::status::ExitStatus;
 use crate::sys::{self, PollFd};
@@ -40,11 +45,24 @@ pub(crate) struct Peer {
     process: Option<Process>,
 }
 
-/// A local worker process.
+/// A worker process, local or remote.
 pub(crate) struct Process {
-    pid: u32,
-    pidfd: OwnedFd,
+    /// Its pid: known at the start for a local one, from its HELLO for a
+    /// remote one (0 until then).
+    pid: AtomicU32,
+    watch: Watch,
     state: Mutex<ProcessState>,
+}
+
+/// How a worker's end is seen.
+enum Watch {
+    /// A local child: its pidfd, readable once it exited.
+    Local(OwnedFd),
+    /// A remote worker: the control connection to its server.
+    Remote {
+        control: TcpStream,
+        addr: SocketAddr,
+    },
 }
 
 #[derive(Default)]
@@ -52,6 +70,10 @@ struct ProcessState {
     status: Option<ExitStatus>,
     /// The error text of the worker's EXIT frame.
     report: Option<String>,
+    /// A remote worker's STATUS frame as far as it arrived.
+    status_bytes: Vec<u8>,
+    /// The control connection of a remote worker ended without a status.
+    lost: bool,
 }
 
 impl Peer {
@@ -67,11 +89,39 @@ impl Peer {
     pub(crate) fn child(pid: u32) -> std::io::Result<Arc<Peer>> {
         let pidfd = sys::pidfd_open(pid)?;
         let process = Process {
-            pid,
-            pidfd,
+            pid: AtomicU32::new(pid),
+            watch: Watch::Local(pidfd),
             state: Mutex::new(ProcessState::default()),
         };
         Ok(Arc::new(Peer::new(Some(process))))
+    }
+
+    /// A remote worker, watched through `control`, the (tuned,
+    /// non-blocking) control connection to the server at `addr`.
+    pub(crate) fn remote(control: TcpStream, addr: SocketAddr) -> Arc<Peer> {
+        let process = Process {
+            pid: AtomicU32::new(0),
+            watch: Watch::Remote { control, addr },
+            state: Mutex::new(ProcessState::default()),
+        };
+        Arc::new(Peer::new(Some(process)))
+    }
+
+    /// The server's address, for a remote worker.
+    pub(crate) fn remote_addr(&self) -> Option<SocketAddr> {
+        match &self.process.as_ref()?.watch {
+            Watch::Remote { addr, .. } => Some(*addr),
+            Watch::Local(_) => None,
+        }
+    }
+
+    /// Records a remote worker's pid from its HELLO.
+    pub(crate) fn set_pid(&self, pid: u32) {
+        if let Some(p) = &self.process
+            && let Watch::Remote { .. } = p.watch
+        {
+            p.pid.store(pid, Ordering::Relaxed);
+        }
     }
 
     fn new(process: Option<Process>) -> Peer {
@@ -90,13 +140,13 @@ impl Peer {
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(|p| p.pid)
+        self.process.as_ref().map(|p| p.pid.load(Ordering::Relaxed))
     }
 
     /// What becomes readable when the peer is gone for good, besides the
     /// connection: a worker's pidfd.
     pub(crate) fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.process.as_ref().map(|p| p.pidfd.as_fd())
+        self.process.as_ref().map(|p| p.watch_fd())
     }
 
     /// Records the limits of the peer's HELLO.
@@ -164,7 +214,7 @@ impl Peer {
         };
         match self.reap_within(DEATH_GRACE) {
             Ok(Some(status)) => Error::WorkerDied {
-                pid: process.pid,
+                pid: process.pid.load(Ordering::Relaxed),
                 status,
                 message: process.lock().report.clone(),
             },
@@ -179,7 +229,7 @@ impl Peer {
         let deadline = Instant::now().checked_add(timeout);
         while process.lock().status.is_none() {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let mut fds = [PollFd::readable(process.pidfd.as_fd())];
+            let mut fds = [PollFd::readable(process.watch_fd())];
             // A signal ends the poll early (0 ready): go on to the deadline.
             let ready = sys::poll(&mut fds, left).map_err(|e| process.wait_error(e))?;
             if ready > 0 || left == Some(Duration::ZERO) {
@@ -196,8 +246,14 @@ impl Peer {
         if let Some(status) = state.status {
             return Ok(Some(status));
         }
-        let ended = sys::waitpid(process.pid, block).map_err(|e| process.wait_error(e))?;
-        let status = ended.map(ExitStatus::from);
+        let status = match &process.watch {
+            Watch::Local(_) => {
+                let pid = process.pid.load(Ordering::Relaxed);
+                let ended = sys::waitpid(pid, block).map_err(|e| process.wait_error(e))?;
+                ended.map(ExitStatus::from)
+            }
+            Watch::Remote { control, addr } => read_status(control, *addr, &mut state, block)?,
+        };
         if status.is_some() {
             state.status = status;
             drop(state);
@@ -217,9 +273,37 @@ impl Peer {
         if process.lock().status.is_some() {
             return Ok(());
         }
-        match sys::pidfd_kill(process.pidfd.as_fd()) {
-            Err(err) if err.raw_os_error() != Some(sys::ESRCH) => Err(process.wait_error(err)),
-            _ => Ok(()),
+        match &process.watch {
+            Watch::Local(pidfd) => match sys::pidfd_kill(pidfd.as_fd()) {
+                Err(err) if err.raw_os_error() != Some(sys::ESRCH) => Err(process.wait_error(err)),
+                _ => Ok(()),
+            },
+            // Best effort: a server that cannot be told is gone, and its
+            // workers die with it; one that reads it kills the worker and
+            // reports its status.
+            Watch::Remote { control, .. } => {
+                let header = FrameHeader::new(kind::KILL, 0);
+                let _ = (&*control).write(bytemuck::bytes_of(&header));
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the worker as a drop does: a local one killed and reaped; a
+    /// remote one told to die and let go (its server reaps it), without
+    /// waiting on a network that may be gone.
+    pub(crate) fn end(&self) {
+        let Some(process) = &self.process else {
+            return;
+        };
+        let _ = self.kill();
+        match &process.watch {
+            Watch::Local(_) => {
+                let _ = self.reap(true);
+            }
+            Watch::Remote { control, .. } => {
+                let _ = control.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 
@@ -235,10 +319,55 @@ impl Process {
         lock(&self.state)
     }
 
+    fn watch_fd(&self) -> BorrowedFd<'_> {
+        match &self.watch {
+            Watch::Local(pidfd) => pidfd.as_fd(),
+            Watch::Remote { control, .. } => control.as_fd(),
+        }
+    }
+
     fn wait_error(&self, source: std::io::Error) -> Error {
         Error::Wait {
-            pid: self.pid,
+            pid: self.pid.load(Ordering::Relaxed),
             source,
+        }
+    }
+}
+
+/// Reads what the server said on a remote worker's control connection: a
+/// STATUS frame once the worker ended. `None` while the worker runs (and
+/// `block` is false). A connection that ends or fails without a status is
+/// [`Error::ServerLost`], then and on every later call.
+fn read_status(
+    control: &TcpStream,
+    addr: SocketAddr,
+    state: &mut ProcessState,
+    block: bool,
+) -> Result<Option<ExitStatus>> {
+    let frame_len = HEADER_LEN + size_of::<StatusBody>();
+    let lost = || Error::ServerLost { addr };
+    loop {
+        if state.lost {
+            return Err(lost());
+        }
+        if state.status_bytes.len() == frame_len {
+            let status = StatusBody::parse(&state.status_bytes)?;
+            return Ok(Some(status));
+        }
+        let mut buf = [0u8; 128];
+        let want = frame_len - state.status_bytes.len();
+        match (&*control).read(&mut buf[..want]) {
+            Ok(0) => state.lost = true,
+            Ok(n) => state.status_bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !block {
+                    return Ok(None);
+                }
+                let mut fds = [PollFd::readable(control.as_fd())];
+                sys::poll(&mut fds, None).map_err(Error::Recv)?;
+            }
+            Err(_) => state.lost = true,
         }
     }
 }

@@ -2094,7 +2094,7 @@ fn attachments_case(
 
     let (out, failed) = decode_attachments(
         &desc_bytes,
-        fds,
+        (fds, Vec::new()),
         &mut received,
         case.keep_fds,
         case.max_region,
@@ -2202,7 +2202,8 @@ fn attachments_announcing_more_pools_than_a_link_maps() {
                 d.len_bytes = 64;
                 descs.extend_from_slice(bytemuck::bytes_of(&d));
             }
-            let (out, failed) = decode_attachments(&descs, fds, &mut received, false, u64::MAX);
+            let (out, failed) =
+                decode_attachments(&descs, (fds, Vec::new()), &mut received, false, u64::MAX);
             if let Some(err) = &failed {
                 allowed(err, ATTACHMENT_ERRORS)?;
             }
@@ -2897,7 +2898,7 @@ fn decode_one_region(
     let bytes = bytemuck::bytes_of(&desc);
     decode_attachments(
         bytes,
-        vec![fd],
+        (vec![fd], Vec::new()),
         &mut ReceivedPools::default(),
         false,
         max_region,
@@ -2962,7 +2963,7 @@ fn an_unmappable_peer_region_is_a_protocol_error() {
     let region = pool.fd().try_clone_to_owned().expect("dup");
     protocol(decode_attachments(
         bytemuck::bytes_of(&desc),
-        vec![region, reopen(pool.ticket(0))],
+        (vec![region, reopen(pool.ticket(0))], Vec::new()),
         &mut ReceivedPools::default(),
         false,
         u64::MAX,
@@ -2971,10 +2972,13 @@ fn an_unmappable_peer_region_is_a_protocol_error() {
     // receiver maps it read-only.
     let (out, failed) = decode_attachments(
         bytemuck::bytes_of(&desc),
-        vec![
-            reopen(pool.fd()),
-            pool.ticket(0).try_clone_to_owned().expect("dup"),
-        ],
+        (
+            vec![
+                reopen(pool.fd()),
+                pool.ticket(0).try_clone_to_owned().expect("dup"),
+            ],
+            Vec::new(),
+        ),
         &mut ReceivedPools::default(),
         false,
         u64::MAX,
@@ -3004,7 +3008,7 @@ fn an_unmappable_peer_region_is_a_protocol_error() {
         let (ticket, _) = ticket.create((FORGED_ID, 1)).expect("forge a ticket");
         protocol(decode_attachments(
             bytemuck::bytes_of(&desc),
-            vec![region, ticket],
+            (vec![region, ticket], Vec::new()),
             &mut ReceivedPools::default(),
             false,
             u64::MAX,

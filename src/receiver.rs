@@ -371,7 +371,9 @@ impl Receiver {
         let greeted = std::mem::replace(&mut self.greeted, true);
         match (frame.header.kind, greeted) {
             (kind::HELLO, false) => {
-                self.peer.set_limits(&Hello::parse(frame.body)?.limits());
+                let hello = Hello::parse(frame.body)?;
+                self.peer.set_limits(&hello.limits());
+                self.peer.set_pid(hello.pid);
                 return Ok(None);
             }
             (_, false) | (kind::HELLO, true) => {
@@ -395,7 +397,7 @@ impl Receiver {
             .split_at(frame.header.attachments as usize * DESC_LEN);
         let (received, failed) = decode_attachments(
             desc_bytes,
-            frame.fds,
+            (frame.fds, frame.landed),
             &mut self.pools,
             self.forwarding,
             self.limits.max_region_bytes,
@@ -404,7 +406,7 @@ impl Receiver {
             // Dropping `received` releases the slots that could be decoded.
             return Err(Error::fd_limit());
         }
-        if let Some(err) = failed {
+        if let Some(err) = frame.lost.or(failed) {
             return Err(err);
         }
         let msg = codec::decode::<T>(frame.header.type_id, payload, self.limits.max_depth)?;

@@ -368,9 +368,10 @@ impl Sender {
             return refuse(error, attachments);
         }
         let mut prepared = Prepared::new(attachments)?;
+        let streamed = self.tx.streams();
         match self.write_prepared(codec::fingerprint::<T>(), &mut prepared, wait) {
             Ok(()) => {
-                prepared.finish();
+                prepared.finish(streamed);
                 Ok(())
             }
             // Cut off half-way: the descriptors went with the first byte,
@@ -379,7 +380,7 @@ impl Sender {
                 error,
                 started: true,
             }) => {
-                prepared.finish();
+                prepared.finish(streamed);
                 Err(SendError {
                     error,
                     attachments: Vec::new(),
@@ -403,6 +404,9 @@ impl Sender {
     ) -> Result<(), Failure> {
         self.check_open().map_err(Failure::before)?;
         let limits = self.peer.send_limits(&self.limits);
+        if !self.tx.streams() {
+            prepared.seal_landed().map_err(Failure::before)?;
+        }
         let (descs, holds) = prepared
             .describe(self.pool_peer(), &limits)
             .map_err(Failure::before)?;
@@ -512,6 +516,10 @@ impl Failure {
 }
 
 impl PoolPeer for Sender {
+    fn streams(&self) -> bool {
+        self.tx.streams()
+    }
+
     fn peer_id(&self) -> u64 {
         self.peer.id()
     }

@@ -383,12 +383,12 @@ impl Workers {
         }
         match (first_error, delivered) {
             (None, _) => {
-                prepared.finish();
+                prepared.finish(false);
                 Ok(())
             }
             (Some(error), 0) => refuse(error, prepared.hand_back()),
             (Some(error), _) => {
-                prepared.finish();
+                prepared.finish(false);
                 refuse(error, Vec::new())
             }
         }

@@ -97,6 +97,51 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+/// Sets up a TCP connection for MiniRay: no Nagle delay (frames are
+/// written whole), non-blocking (sends and `sendfile` must never block past
+/// a deadline; reads poll), and a dead peer detected within about
+/// `liveness`: keepalive probes start after a third of it, three probes,
+/// and `TCP_USER_TIMEOUT` fails a send the peer has not acknowledged
+/// within it.
+pub fn tune_tcp(sock: BorrowedFd<'_>, liveness: Duration) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_tcp_nodelay(sock, true)?;
+    rustix::io::ioctl_fionbio(sock, true)?;
+    let idle = (liveness / 3).max(Duration::from_secs(1));
+    let interval = ((liveness - idle.min(liveness)) / 3).max(Duration::from_secs(1));
+    sockopt::set_socket_keepalive(sock, true)?;
+    sockopt::set_tcp_keepidle(sock, idle)?;
+    sockopt::set_tcp_keepintvl(sock, interval)?;
+    sockopt::set_tcp_keepcnt(sock, 3)?;
+    let ms = liveness.as_millis().clamp(1, u32::MAX as u128) as u32;
+    sockopt::set_tcp_user_timeout(sock, ms)?;
+    Ok(())
+}
+
+/// Whether `sock` is a TCP socket (IPv4 or IPv6), rather than a Unix one.
+pub fn is_tcp(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let domain = rustix::net::sockopt::socket_domain(sock)?;
+    Ok(domain == AddressFamily::INET || domain == AddressFamily::INET6)
+}
+
+/// Sends up to `len` bytes of `file` from `offset` to `sock` without
+/// copying them through user space; returns how many left. Non-blocking
+/// on a non-blocking socket (`WouldBlock` when full).
+pub fn sendfile(
+    sock: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut offset = offset;
+    retry(|| rustix::fs::sendfile(sock, file, Some(&mut offset), len))
+}
+
+/// Sets the size of a file.
+pub fn set_len(fd: BorrowedFd<'_>, len_bytes: u64) -> io::Result<()> {
+    retry(|| rustix::fs::ftruncate(fd, len_bytes))
+}
+
 /// Whether `fd` refers to a socket.
 pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let st = rustix::fs::fstat(fd)?;
@@ -376,6 +421,16 @@ pub fn is_fd_exhaustion(err: &io::Error) -> bool {
 /// adding `F_SEAL_WRITE`).
 pub fn is_busy(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::EBUSY)
+}
+
+/// Whether `err` says a connection timed out (`ETIMEDOUT`: TCP keepalive
+/// probes or `TCP_USER_TIMEOUT` went unanswered), or its host is
+/// unreachable.
+pub fn is_timed_out(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
 }
 
 /// Whether `err` says the peer is gone (`EPIPE`, `ECONNRESET`).

@@ -237,8 +237,7 @@ impl AsFd for Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if self.peer.status().is_none() {
-            let _ = self.peer.kill();
-            let _ = self.peer.reap(true);
+            self.peer.end();
         }
     }
 }

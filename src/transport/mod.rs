@@ -21,12 +21,17 @@
 //! Flavors, one file each, chosen by an enum (generic methods cannot go
 //! through a `dyn` trait):
 //! - [`unix`]: a Unix stream socket; attachments as descriptors.
+//! - [`tcp`]: a TCP connection; attachments as bytes in the stream, landing
+//!   in the receiver's own memfd regions.
 
+use std::net::TcpStream;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::codec::{AttachmentDesc, FrameHeader, Limits, feature};
+use crate::landing::Landing;
 use crate::{Error, Result};
 
+pub(crate) mod tcp;
 pub(crate) mod unix;
 
 /// Whether a fill may read, and whether a read may wait for data.
@@ -77,8 +82,15 @@ pub(crate) struct InFrame<'a> {
     pub(crate) header: FrameHeader,
     /// Descriptors, payload (and any inline data), in that order.
     pub(crate) body: &'a [u8],
-    /// The attachments' regions, in order.
+    /// The attachments' regions, in order, on a descriptor-passing
+    /// transport.
     pub(crate) fds: Vec<OwnedFd>,
+    /// The attachments' regions, in order, on a streaming transport
+    /// (`None` for an empty one).
+    pub(crate) landed: Vec<Option<Landing>>,
+    /// Why a streaming transport could not land every attachment of this
+    /// frame (their bytes were read and dropped, the stream is in step).
+    pub(crate) lost: Option<Error>,
     /// Some descriptors were lost on the way (the receiver's fd limit).
     pub(crate) truncated: bool,
 }
@@ -86,11 +98,13 @@ pub(crate) struct InFrame<'a> {
 /// The sending half of a connection.
 pub(crate) enum Tx {
     Unix(unix::UnixTx),
+    Tcp(tcp::TcpTx),
 }
 
 /// The receiving half of a connection.
 pub(crate) enum Rx {
     Unix(unix::UnixRx),
+    Tcp(tcp::TcpRx),
 }
 
 /// A Unix stream socket as a transport.
@@ -99,11 +113,24 @@ pub(crate) fn unix(sock: OwnedFd) -> (Tx, Rx) {
     (Tx::Unix(tx), Rx::Unix(rx))
 }
 
+/// A TCP connection as a transport; tune it first ([`crate::sys::tune_tcp`]).
+pub(crate) fn tcp(stream: TcpStream) -> (Tx, Rx) {
+    let (tx, rx) = tcp::split(stream);
+    (Tx::Tcp(tx), Rx::Tcp(rx))
+}
+
 impl Tx {
     pub(crate) fn features(&self) -> u64 {
         match self {
             Tx::Unix(_) => feature::FDS,
+            Tx::Tcp(_) => feature::INLINE_DATA | feature::AUTH,
         }
+    }
+
+    /// Whether attachments travel as bytes in the stream (no descriptor
+    /// crosses this connection).
+    pub(crate) fn streams(&self) -> bool {
+        matches!(self, Tx::Tcp(_))
     }
 
     pub(crate) fn write_frame(
@@ -113,12 +140,14 @@ impl Tx {
     ) -> Result<(), WriteError> {
         match self {
             Tx::Unix(t) => t.write_frame(frame, wait),
+            Tx::Tcp(t) => t.write_frame(frame, wait),
         }
     }
 
     pub(crate) fn shutdown(&self) {
         match self {
             Tx::Unix(t) => t.shutdown(),
+            Tx::Tcp(t) => t.shutdown(),
         }
     }
 }
@@ -127,18 +156,21 @@ impl Rx {
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Rx::Unix(r) => r.as_fd(),
+            Rx::Tcp(r) => r.as_fd(),
         }
     }
 
     pub(crate) fn fill(&mut self, limits: &Limits, blocking: Blocking) -> Result<bool> {
         match self {
             Rx::Unix(r) => r.fill(limits, blocking),
+            Rx::Tcp(r) => r.fill(limits, blocking),
         }
     }
 
     pub(crate) fn take(&mut self) -> InFrame<'_> {
         match self {
             Rx::Unix(r) => r.take(),
+            Rx::Tcp(r) => r.take(),
         }
     }
 
@@ -147,6 +179,7 @@ impl Rx {
     pub(crate) fn held_bytes(&self) -> usize {
         match self {
             Rx::Unix(r) => r.held_bytes(),
+            Rx::Tcp(r) => r.held_bytes(),
         }
     }
 }

@@ -132,6 +132,8 @@ impl UnixRx {
             header: frame.header,
             body: self.reader.body(),
             fds: frame.fds,
+            landed: Vec::new(),
+            lost: None,
             truncated: frame.truncated,
         }
     }
