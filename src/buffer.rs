@@ -476,25 +476,42 @@ impl BufView {
         BufView { len, backing }
     }
 
-    /// Whether this view's bytes landed from a stream (see
-    /// [`seal_landed`](Self::seal_landed)).
-    pub(crate) fn is_landed(&self) -> bool {
-        matches!(self.backing, ViewBacking::Landed(_))
-    }
-
     /// Makes a landed view sendable to a local peer: its region leaves the
     /// receive pool and is sealed like a fresh one, then mapped read-only.
     /// Other views are left as they are.
     ///
+    /// A process forked since the bytes landed maps the region too, so
+    /// then the bytes go on in a sealed copy instead.
+    ///
     /// # Errors
-    /// [`Error::Buffer`] if the kernel refuses to seal or map the region;
-    /// the view is then empty.
+    /// [`Error::Buffer`] if the kernel refuses to seal or map the region,
+    /// or no copy can be made; the view is then empty.
     pub(crate) fn seal_landed(&mut self) -> Result<()> {
+        if !matches!(self.backing, ViewBacking::Landed(_)) {
+            return Ok(());
+        }
         let empty = ViewBacking::Empty { fd: None };
         let ViewBacking::Landed(landing) = std::mem::replace(&mut self.backing, empty) else {
-            return Ok(());
+            unreachable!("matched above");
         };
-        let fd = landing.into_sealed(self.len)?;
+        let fd = match landing.into_sealed(self.len) {
+            Ok(fd) => fd,
+            // A process forked since maps the region: send a sealed copy.
+            Err(Some(landing)) => {
+                let mut copy = SharedBuf::new(self.len)?;
+                copy.as_bytes_mut().copy_from_slice(landing.bytes(self.len));
+                copy.seal_for_send()?;
+                match copy.into_outgoing() {
+                    Outgoing::Memfd(fd) => fd,
+                    Outgoing::Pooled(_) => unreachable!("a fresh buffer is no pool slot"),
+                }
+            }
+            Err(None) => {
+                return Err(Error::Buffer(std::io::Error::other(
+                    "cannot seal a region received over TCP",
+                )));
+            }
+        };
         *self = BufView::from_memfd(fd, self.len, true, u64::MAX)?;
         Ok(())
     }

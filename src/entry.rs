@@ -55,38 +55,19 @@ static REGISTERED: OnceLock<Vec<String>> = OnceLock::new();
 /// did not run first thing in `main`.
 static THREADS_AT_DISPATCH: AtomicUsize = AtomicUsize::new(0);
 
-/// Registers the program's entry points and, if this process was started
-/// as a worker by [`Worker::exec`](crate::Worker::exec), runs the one it
-/// was started for and exits. Otherwise returns at once.
-///
-/// Call it first thing in `main`, before anything else has side effects:
-/// in a worker, nothing after it runs.
-///
-/// # Examples
-///
-/// ```no_run
-/// fn train(h: &mut miniray::Handle) -> miniray::Result<()> {
-///     let rank: u32 = h.recv()?;
-///     h.send(&format!("rank {rank} ready"))
-/// }
-///
-/// fn main() -> miniray::Result<()> {
-///     miniray::dispatch(&[("train", train)]);
-///     let mut w = miniray::Worker::exec("train")?;
-///     w.send(&0u32)?;
-///     println!("{}", w.recv::<String>()?);
-///     w.wait()?;
-///     Ok(())
-/// }
-/// ```
-pub fn dispatch(entries: &[(&str, EntryFn)]) {
+/// Keeps the program's entry points for [`check_registered`], and the
+/// thread count at this moment; the first part of `dispatch`.
+pub(crate) fn register(entries: &[(&str, EntryFn)]) {
     let _ = REGISTERED.set(entries.iter().map(|(name, _)| name.to_string()).collect());
     THREADS_AT_DISPATCH.store(thread_count(), Ordering::Relaxed);
-    let Some(name) = started_as_worker() else {
-        return;
-    };
+}
+
+/// If our parent started this process as a worker, runs the entry point
+/// it was started for and returns the process's exit code.
+pub(crate) fn run_as_worker(entries: &[(&str, EntryFn)]) -> Option<i32> {
+    let name = started_as_worker()?;
     capture_panics();
-    let code = match entries.iter().find(|(n, _)| *n == name) {
+    Some(match entries.iter().find(|(n, _)| *n == name) {
         Some((_, run)) => match adopt_socket() {
             Ok(handle) => run_worker(handle, run),
             Err(err) => report(&name, &error_text(&err), EXIT_ORPHANED),
@@ -95,8 +76,7 @@ pub fn dispatch(entries: &[(&str, EntryFn)]) {
             let err = Error::UnknownEntry(name.clone());
             report(&name, &error_text(&err), EXIT_ORPHANED)
         }
-    };
-    std::process::exit(code);
+    })
 }
 
 /// The entry point to run, if our parent started us as a worker.
@@ -123,7 +103,11 @@ fn adopt_socket() -> Result<Handle> {
         return Err(missing());
     }
     sys::set_cloexec(sock.as_fd()).map_err(Error::Spawn)?;
-    Handle::new(sock, inherited_limits())
+    // A server hands its remote workers their client's TCP connection.
+    match sys::is_tcp(sock.as_fd()) {
+        Ok(true) => Ok(Handle::over_tcp(sock.into(), inherited_limits())?),
+        _ => Handle::new(sock, inherited_limits()),
+    }
 }
 
 /// Writes `limits` for an exec'd worker's environment.

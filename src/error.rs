@@ -187,6 +187,16 @@ pub enum Error {
     #[error("authentication failed: {0}")]
     Auth(String),
 
+    /// No TCP connection could be made to a server.
+    #[error("cannot connect to the server at {addr}")]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// What the last attempt said.
+        #[source]
+        source: io::Error,
+    },
+
     /// The connection to a remote worker's server ended without word of
     /// the worker: the server or its host died, or the network between
     /// failed (detected within the liveness bound, 10 s by default).

@@ -54,6 +54,17 @@ impl Handle {
         })
     }
 
+    /// A remote worker's end: its client's TCP connection, tuned by the
+    /// server that accepted it.
+    pub(crate) fn over_tcp(stream: std::net::TcpStream, limits: Limits) -> Result<Handle> {
+        let peer = Peer::parent();
+        let (tx, rx) = transport::tcp(stream);
+        Ok(Handle {
+            rx: Receiver::new(rx, limits, peer.clone()),
+            tx: Sender::new(tx, limits, peer)?,
+        })
+    }
+
     verbs!();
 }
 

@@ -142,16 +142,33 @@ impl Landing {
     /// region to a local peer. The writable mapping goes first: a memfd
     /// cannot be sealed against writes while one exists.
     ///
+    /// A process forked since the region was mapped maps it too, writable,
+    /// so it cannot be sealed: then the region, mapped again, comes back as
+    /// `Err(Some(landing))`, for the caller to copy.
+    ///
     /// # Errors
-    /// [`Error::Buffer`] when the kernel refuses to resize or seal.
-    pub(crate) fn into_sealed(mut self, len: usize) -> Result<OwnedFd> {
+    /// `Err(None)` when the kernel refuses to seal, resize or map again
+    /// for another reason (the bytes are lost then).
+    pub(crate) fn into_sealed(mut self, len: usize) -> Result<OwnedFd, Option<Landing>> {
         let Region { fd, map } = self.region.take().expect("held until dropped");
+        let capacity = map.len();
         drop(map);
-        if len as u64 != sys::file_len(fd.as_fd()).map_err(Error::Buffer)? {
-            sys::set_len(fd.as_fd(), len as u64).map_err(Error::Buffer)?;
+        match sys::add_seals(fd.as_fd(), sys::SEAL_WRITE) {
+            Ok(()) => {}
+            Err(e) if sys::is_busy(&e) => {
+                let opts = MapOptions {
+                    writable: true,
+                    populate: false,
+                };
+                let map = Mapping::new(fd.as_fd(), 0, capacity, opts).map_err(|_| None)?;
+                self.region = Some(Region { fd, map });
+                return Err(Some(self));
+            }
+            Err(_) => return Err(None),
         }
-        let seals = sys::SEAL_SIZE | sys::SEAL_WRITE | sys::SEAL_SEAL;
-        sys::add_seals(fd.as_fd(), seals).map_err(Error::Buffer)?;
+        // Bytes past `len` are an earlier frame's: not the next holder's.
+        sys::set_len(fd.as_fd(), len as u64).map_err(|_| None)?;
+        sys::add_seals(fd.as_fd(), sys::SEAL_SIZE | sys::SEAL_SEAL).map_err(|_| None)?;
         Ok(fd)
     }
 }
@@ -213,7 +230,7 @@ mod tests {
         let pool = ReceivePool::default();
         let mut landing = pool.take(10).unwrap();
         landing.bytes_mut()[..10].copy_from_slice(b"0123456789");
-        let fd = landing.into_sealed(10).unwrap();
+        let fd = landing.into_sealed(10).ok().unwrap();
         assert_eq!(pool.idle().0, 0);
         assert_eq!(sys::file_len(fd.as_fd()).unwrap(), 10);
         let seals = sys::seals(fd.as_fd()).unwrap();

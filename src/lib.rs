@@ -106,8 +106,10 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod auth;
 mod buffer;
 mod codec;
+mod dispatch;
 mod entry;
 mod error;
 mod handle;
@@ -119,8 +121,10 @@ mod pool;
 #[cfg(test)]
 mod proptests;
 mod receiver;
+mod remote;
 mod send_error;
 mod sender;
+mod server;
 mod set;
 mod shm;
 mod spawn;
@@ -132,15 +136,22 @@ mod verbs;
 mod wait;
 mod worker;
 
+pub use auth::{ENV_KEY, ENV_KEY_FILE, Key};
 pub use buffer::{BufView, SharedBuf};
 pub use codec::{Limits, Message, fingerprint};
-pub use entry::{EntryFn, dispatch};
+pub use dispatch::dispatch;
+pub use entry::EntryFn;
 pub use error::{Error, Result};
 pub use handle::Handle;
 pub use pool::BufferPool;
 pub use receiver::Receiver;
+pub use remote::{Connect, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS};
 pub use send_error::SendError;
 pub use sender::Sender;
+pub use server::{
+    DEFAULT_ADDR, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PENDING, DEFAULT_MAX_WORKERS,
+    ENV_KEY_STDIN, ENV_SERVE, LISTENING, ServerBuilder, ShutdownHandle, WorkerServer,
+};
 pub use set::Workers;
 pub use shm::{MAX_POOL_SEATS, MAX_POOL_SLOTS};
 pub use spawn::Builder;

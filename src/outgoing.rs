@@ -74,6 +74,9 @@ impl Prepared {
         Ok(prepared)
     }
 
+    // The error hands the attachment back whole, moved, not boxed: a
+    // refusal costs no allocation.
+    #[allow(clippy::result_large_err)]
     fn push(&mut self, att: Attachment) -> Result<(), (Error, Attachment)> {
         let (dtype, shape) = att.meta();
         let shape = shape.to_vec();
@@ -301,6 +304,9 @@ impl Prepared {
     }
 }
 
+// The error hands the attachment back whole, moved, not boxed: a
+// refusal costs no allocation.
+#[allow(clippy::result_large_err)]
 fn own(mut buf: SharedBuf, meta: (u32, &[usize])) -> Result<Region, (Error, Attachment)> {
     let len = buf.len();
     if let Err(error) = buf.seal_for_send() {

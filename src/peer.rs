@@ -107,14 +107,6 @@ impl Peer {
         Arc::new(Peer::new(Some(process)))
     }
 
-    /// The server's address, for a remote worker.
-    pub(crate) fn remote_addr(&self) -> Option<SocketAddr> {
-        match &self.process.as_ref()?.watch {
-            Watch::Remote { addr, .. } => Some(*addr),
-            Watch::Local(_) => None,
-        }
-    }
-
     /// Records a remote worker's pid from its HELLO.
     pub(crate) fn set_pid(&self, pid: u32) {
         if let Some(p) = &self.process

@@ -411,7 +411,10 @@ impl Sender {
             .describe(self.pool_peer(), &limits)
             .map_err(Failure::before)?;
         let regions = prepared.regions(&holds);
-        let header = FrameHeader::message(descs.len(), self.out.len(), type_id);
+        let mut header = FrameHeader::message(descs.len(), self.out.len(), type_id);
+        if self.tx.streams() {
+            header.data_len = descs.iter().map(|d| d.len_bytes).sum();
+        }
         let frame = OutFrame {
             header: &header,
             descs: &descs,

@@ -2,7 +2,7 @@
 
 use std::ffi::{CString, OsString, c_char};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::panic::{self, AssertUnwindSafe};
@@ -229,36 +229,53 @@ impl Builder {
         // sockets.
         let parent_link = links::register(parent_sock.as_fd());
         let child_link = links::register(child_sock.as_fd());
-        let parent = sys::getpid();
-        let child_fd = child_sock.as_raw_fd();
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
-        cmd.env(ENV_ENTRY, entry)
-            .env(ENV_FD, child_fd.to_string())
-            .env(ENV_PARENT, parent.to_string());
-        cmd.env(ENV_LIMITS, entry::encode_limits(&self.limits));
-        if let Some(arg0) = std::env::args_os().next() {
-            cmd.arg0(arg0);
-        }
-        // SAFETY: the hook runs between fork and exec and makes only
-        // async-signal-safe system calls (prctl, getppid, close_range,
-        // fcntl), allocating nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                sys::die_with_parent(parent)?;
-                // Best effort: on kernels before 5.11, descriptors this
-                // process inherited without close-on-exec reach the worker.
-                let _ = sys::cloexec_above_stdio();
-                sys::clear_cloexec(child_fd)
-            })
-        };
-        let child = cmd.spawn().map_err(Error::Spawn)?;
+        let child = exec_worker(entry, child_sock.as_fd(), &self.envs, &self.limits, &[])?;
         drop(child_link);
         drop(child_sock);
         let worker = Worker::adopt(child.id(), parent_sock, self.limits);
         drop(parent_link); // As in `spawn`.
         worker
     }
+}
+
+/// Starts this binary again at `entry`, with `link` as its connection (a
+/// Unix socket, or a TCP connection for a remote worker) and `envs` set;
+/// the child dies with this process and inherits no other descriptor,
+/// nor the variables in `remove` (a server's key, for one).
+pub(crate) fn exec_worker(
+    entry: &str,
+    link: BorrowedFd<'_>,
+    envs: &[(OsString, OsString)],
+    limits: &Limits,
+    remove: &[&str],
+) -> Result<std::process::Child> {
+    let parent = sys::getpid();
+    let child_fd = link.as_raw_fd();
+    let mut cmd = Command::new("/proc/self/exe");
+    for name in remove {
+        cmd.env_remove(name);
+    }
+    cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+    cmd.env(ENV_ENTRY, entry)
+        .env(ENV_FD, child_fd.to_string())
+        .env(ENV_PARENT, parent.to_string());
+    cmd.env(ENV_LIMITS, entry::encode_limits(limits));
+    if let Some(arg0) = std::env::args_os().next() {
+        cmd.arg0(arg0);
+    }
+    // SAFETY: the hook runs between fork and exec and makes only
+    // async-signal-safe system calls (prctl, getppid, close_range,
+    // fcntl), allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::die_with_parent(parent)?;
+            // Best effort: on kernels before 5.11, descriptors this
+            // process inherited without close-on-exec reach the worker.
+            let _ = sys::cloexec_above_stdio();
+            sys::clear_cloexec(child_fd)
+        })
+    };
+    cmd.spawn().map_err(Error::Spawn)
 }
 
 /// A complete environment for a forked worker, built in the parent: the

@@ -137,6 +137,11 @@ pub fn sendfile(
     retry(|| rustix::fs::sendfile(sock, file, Some(&mut offset), len))
 }
 
+/// One `write` to `fd`.
+pub fn write_fd(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    retry(|| rustix::io::write(fd, bytes))
+}
+
 /// Sets the size of a file.
 pub fn set_len(fd: BorrowedFd<'_>, len_bytes: u64) -> io::Result<()> {
     retry(|| rustix::fs::ftruncate(fd, len_bytes))
@@ -459,9 +464,8 @@ pub const SEAL_WRITE: u32 = SealFlags::WRITE.bits();
 /// Seal that forbids adding more seals.
 pub const SEAL_SEAL: u32 = SealFlags::SEAL.bits();
 
-/// Both ends of a new pipe, close-on-exec: (read end, write end). For
-/// tests: the crate itself has no pipes.
-#[cfg(test)]
+/// Both ends of a new pipe, close-on-exec: (read end, write end). A
+/// server's wake-up; and tests'.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
@@ -782,6 +786,35 @@ pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// `errno` for "no such process".
 pub const ESRCH: i32 = libc::ESRCH;
+
+/// The write end of the pipe that SIGTERM writes a byte to (-1: none).
+static SIGTERM_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    let fd = SIGTERM_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a closed or full pipe is
+        // an error ignored here (one byte already waiting is enough).
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// From now on SIGTERM writes one byte to `fd` (a pipe's write end that
+/// stays open for the rest of the process) instead of ending the process,
+/// so a server can stop cleanly. Raw `sigaction`: rustix has no wrapper
+/// for installing a handler.
+pub fn sigterm_to_pipe(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SIGTERM_PIPE.store(fd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction with a handler that makes only an
+    // async-signal-safe call; SA_RESTART so other calls are not cut short.
+    unsafe {
+        let mut action: libc::sigaction = mem::zeroed();
+        action.sa_sigaction = on_sigterm as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        cvt(libc::sigaction(libc::SIGTERM, &action, ptr::null_mut())).map(drop)
+    }
+}
 
 /// Sends SIGKILL by pid; only for a child not yet reaped (so the pid
 /// cannot have been reused). Errors are ignored: this is cleanup.

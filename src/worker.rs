@@ -101,6 +101,33 @@ impl Worker {
         })
     }
 
+    /// A remote worker: its server's control connection watched by `peer`,
+    /// messages on `data`. Waits for the worker's HELLO, which brings its
+    /// pid; a worker that ended before it is for the caller's receive to
+    /// report, as for a local one.
+    pub(crate) fn adopt_remote(
+        peer: Arc<Peer>,
+        data: std::net::TcpStream,
+        limits: Limits,
+        wait: Wait,
+    ) -> Result<Worker> {
+        let (tx, rx) = transport::tcp(data);
+        let rx = Receiver::new(rx, limits, peer.clone());
+        let tx = Sender::new(tx, limits, peer.clone()).inspect_err(|_| peer.end())?;
+        let mut worker = Worker {
+            tx,
+            rx,
+            peer,
+            pid: 0,
+            left_out: false,
+        };
+        if let Err(err @ Error::Timeout { .. }) = worker.rx.await_hello(wait) {
+            return Err(err); // Dropping the worker tells the server to end it.
+        }
+        worker.pid = worker.peer.pid().unwrap_or(0);
+        Ok(worker)
+    }
+
     /// As [`adopt`](Self::adopt), for a forked child: waits for its HELLO,
     /// which it sends once it has armed its parent-death signal, so that a
     /// forked worker, like an exec'd one, is surely killed when the thread

@@ -1,0 +1,351 @@
+//! Remote workers over loopback TCP: a `WorkerServer` in this process (and
+//! one in a process of its own, for the server's death), clients driving
+//! its workers with the same verbs as local ones.
+//!
+//! A custom harness (`harness = false`): the server starts this binary
+//! again at a named entry point, so `main` hands control to
+//! `miniray::dispatch` first.
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::panic;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use miniray::{DType, Error, ExitStatus, Handle, Key, Tensor, Worker, WorkerServer, Workers};
+
+/// Each case's limit; a correct run of any of them takes a few seconds.
+const LIMIT: Duration = Duration::from_secs(90);
+
+const KEY: &str = "a test key, not a secret: 0123456789";
+
+/// A case function with its name, for the report.
+macro_rules! case {
+    ($f:ident) => {
+        (stringify!($f), $f as fn(&Server))
+    };
+}
+
+fn main() {
+    miniray::dispatch(&[
+        ("echo", echo),
+        ("fails", fails),
+        ("tensor_echo", tensor_echo),
+        ("forward_sum", forward_sum),
+        ("sleeper", sleeper),
+    ]);
+    let server = Server::start();
+    let cases = [
+        case!(round_trips_with_every_blocking_mode),
+        case!(a_256_mib_tensor_both_ways),
+        case!(a_set_mixes_local_and_remote_workers),
+        case!(wait_and_worker_died_as_locally),
+        case!(kill_ends_the_remote_worker),
+        case!(wrong_key_is_auth_and_the_server_goes_on),
+        case!(unknown_entry_is_refused),
+        case!(a_received_tensor_goes_on_to_a_local_worker),
+        case!(a_dropped_client_ends_its_worker),
+        case!(a_killed_server_gives_the_client_an_error),
+    ];
+    let mut failed = 0;
+    for (name, case) in cases {
+        let _w = util::watchdog(name, LIMIT);
+        let outcome = match panic::catch_unwind(|| case(&server)) {
+            Ok(()) => "ok",
+            Err(_) => {
+                failed += 1;
+                "FAILED"
+            }
+        };
+        println!("test {name} ... {outcome}");
+    }
+    println!("remote: {} passed, {failed} failed", cases.len() - failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// A server running in a thread of this process.
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: miniray::ShutdownHandle,
+}
+
+impl Server {
+    fn start() -> Server {
+        let server = WorkerServer::builder()
+            .stop_on_sigterm(false)
+            .build(key())
+            .expect("bind a server on loopback");
+        let (addr, stop) = (server.local_addr(), server.shutdown_handle());
+        std::thread::spawn(move || server.run().expect("the server runs"));
+        Server { addr, stop }
+    }
+
+    fn connect(&self, entry: &str) -> Worker {
+        Worker::remote(self.addr, &key())
+            .expect("resolve")
+            .timeout(util::STEP)
+            .connect(entry)
+            .expect("start a remote worker")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.shutdown();
+    }
+}
+
+fn key() -> Key {
+    Key::new(KEY).expect("a long enough key")
+}
+
+// -- entry points ------------------------------------------------------------
+
+fn echo(h: &mut Handle) -> miniray::Result<()> {
+    loop {
+        match h.recv::<String>() {
+            Ok(text) => h.send(&text)?,
+            Err(Error::Disconnected) => return Ok(()),
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn fails(h: &mut Handle) -> miniray::Result<()> {
+    let _: () = h.recv()?;
+    Err(Error::Protocol("the remote entry point gave up".into()))
+}
+
+/// Receives tensors and sends each back as it came, plus its first and last
+/// element.
+fn tensor_echo(h: &mut Handle) -> miniray::Result<()> {
+    loop {
+        let ((), mut parts) = match h.recv_attached::<()>() {
+            Err(Error::Disconnected) => return Ok(()),
+            other => other?,
+        };
+        let t = parts.remove(0).into_tensor()?;
+        let xs = t.as_slice::<u32>()?;
+        let ends = (xs[0], xs[xs.len() - 1]);
+        h.send_attached(&ends, vec![t.into()])?;
+    }
+}
+
+/// Hands a received tensor on to a local worker, which sums it.
+fn forward_sum(h: &mut Handle) -> miniray::Result<()> {
+    let ((), mut parts) = h.recv_attached::<()>()?;
+    let mut local = Worker::spawn(|h| {
+        let ((), mut parts) = h.recv_attached::<()>()?;
+        let t = parts.remove(0).into_tensor()?;
+        h.send(&t.as_slice::<u64>()?.iter().sum::<u64>())
+    })?;
+    local.send_attached(&(), vec![parts.remove(0).into()])?;
+    let sum: u64 = local.recv()?;
+    local.wait()?;
+    h.send(&sum)
+}
+
+fn sleeper(h: &mut Handle) -> miniray::Result<()> {
+    h.send(&std::process::id())?;
+    std::thread::sleep(Duration::from_secs(600));
+    Ok(())
+}
+
+// -- cases --------------------------------------------------------------------
+
+fn round_trips_with_every_blocking_mode(server: &Server) {
+    let mut w = server.connect("echo");
+    assert_ne!(w.pid(), 0, "the remote pid came with the worker's hello");
+    for i in 0..100 {
+        w.send(&format!("message {i}")).unwrap();
+        assert_eq!(w.recv::<String>().unwrap(), format!("message {i}"));
+    }
+    w.send_timeout(&"t".to_string(), util::STEP).unwrap();
+    assert_eq!(w.recv_timeout::<String>(util::STEP).unwrap(), "t");
+    assert!(w.try_recv::<String>().unwrap().is_none());
+    match w.recv_timeout::<String>(Duration::from_millis(50)) {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    w.close().unwrap();
+    assert_eq!(w.wait_timeout(util::STEP).unwrap(), ExitStatus::Exited(0));
+}
+
+fn a_256_mib_tensor_both_ways(server: &Server) {
+    let mut w = server.connect("tensor_echo");
+    let n = (256 << 20) / 4;
+    for round in 0..2u32 {
+        let mut t = Tensor::zeros(DType::U32, &[n]).unwrap();
+        for (i, x) in t.as_mut_slice::<u32>().unwrap().iter_mut().enumerate() {
+            *x = (i as u32).wrapping_mul(2654435761).wrapping_add(round);
+        }
+        w.send_attached(&(), vec![t.into()]).unwrap();
+        let ((first, last), mut back) = w.recv_attached_timeout::<(u32, u32)>(util::STEP).unwrap();
+        assert_eq!(first, round);
+        assert_eq!(
+            last,
+            ((n - 1) as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(round)
+        );
+        let back = back.remove(0).into_tensor().unwrap();
+        assert_eq!(back.shape(), &[n]);
+        let xs = back.as_slice::<u32>().unwrap();
+        let wrong = xs
+            .iter()
+            .enumerate()
+            .position(|(i, &x)| x != (i as u32).wrapping_mul(2654435761).wrapping_add(round));
+        assert_eq!(wrong, None, "every element came back as sent");
+    }
+    w.close().unwrap();
+    assert!(w.wait_timeout(util::STEP).unwrap().success());
+}
+
+fn a_set_mixes_local_and_remote_workers(server: &Server) {
+    let mut set = Workers::new(Vec::new());
+    set.push(Worker::spawn(echo).unwrap());
+    set.push(server.connect("echo"));
+    set.push(Worker::exec("echo").unwrap());
+    set.push(server.connect("echo"));
+    for round in 0..20 {
+        set.send_all(&format!("round {round}")).unwrap();
+        let mut from = Vec::new();
+        for _ in 0..set.len() {
+            let (i, text) = set.recv_any::<String>().unwrap();
+            assert_eq!(text, format!("round {round}"));
+            from.push(i);
+        }
+        from.sort();
+        assert_eq!(from, [0, 1, 2, 3]);
+    }
+    for w in set.iter_mut() {
+        w.close().unwrap();
+    }
+    for status in set.wait_all_timeout(util::STEP).unwrap() {
+        assert!(status.success());
+    }
+}
+
+fn wait_and_worker_died_as_locally(server: &Server) {
+    let mut w = server.connect("fails");
+    w.send(&()).unwrap();
+    match w.recv::<()>() {
+        Err(Error::WorkerDied {
+            status, message, ..
+        }) => {
+            assert_eq!(status, ExitStatus::Exited(1));
+            let message = message.expect("the worker's error text");
+            assert!(message.contains("gave up"), "{message}");
+        }
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+    assert_eq!(w.wait().unwrap(), ExitStatus::Exited(1));
+}
+
+fn kill_ends_the_remote_worker(server: &Server) {
+    let mut w = server.connect("sleeper");
+    let pid: u32 = w.recv_timeout(util::STEP).unwrap();
+    assert_eq!(pid, w.pid());
+    w.kill().unwrap();
+    assert_eq!(w.wait_timeout(util::STEP).unwrap(), ExitStatus::Signaled(9));
+    assert!(util::eventually(util::STEP, || !util::process_exists(pid)));
+}
+
+fn wrong_key_is_auth_and_the_server_goes_on(server: &Server) {
+    let wrong = Key::new("another key of enough length").unwrap();
+    match Worker::connect(server.addr, "echo", &wrong) {
+        Err(Error::Auth(text)) => assert!(text.contains("refused the key"), "{text}"),
+        other => panic!("expected Error::Auth, got {other:?}"),
+    }
+    let mut w = server.connect("echo");
+    w.send(&"still serving".to_string()).unwrap();
+    assert_eq!(w.recv::<String>().unwrap(), "still serving");
+}
+
+fn unknown_entry_is_refused(server: &Server) {
+    match Worker::connect(server.addr, "no_such_entry", &key()) {
+        Err(Error::Refused { reason, .. }) => assert!(reason.contains("no_such_entry"), "{reason}"),
+        other => panic!("expected Error::Refused, got {other:?}"),
+    }
+}
+
+fn a_received_tensor_goes_on_to_a_local_worker(server: &Server) {
+    let mut w = server.connect("forward_sum");
+    let xs: Vec<u64> = (0..1_000_000).collect();
+    let t = Tensor::from_slice(&xs, &[xs.len()]).unwrap();
+    w.send_attached(&(), vec![t.into()]).unwrap();
+    let sum: u64 = w.recv_timeout(util::STEP).unwrap();
+    assert_eq!(sum, xs.iter().sum::<u64>());
+    assert!(w.wait_timeout(util::STEP).unwrap().success());
+}
+
+fn a_dropped_client_ends_its_worker(server: &Server) {
+    let mut w = server.connect("sleeper");
+    let pid: u32 = w.recv_timeout(util::STEP).unwrap();
+    assert!(util::process_exists(pid));
+    drop(w);
+    assert!(
+        util::eventually(util::STEP, || !util::process_exists(pid)),
+        "the server ended worker {pid} when its client went away"
+    );
+}
+
+/// A server in a process of its own, started by `dispatch`'s server mode.
+struct ServerProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    fn start() -> ServerProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(miniray::ENV_SERVE, "127.0.0.1:0")
+            .env("MINIRAY_KEY", KEY)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a server process");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("the server's first line");
+        let addr = line
+            .strip_prefix(miniray::LISTENING)
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("expected `{} ADDR`, got {line:?}", miniray::LISTENING));
+        ServerProcess { child, addr }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn a_killed_server_gives_the_client_an_error(_: &Server) {
+    let mut server = ServerProcess::start();
+    let mut w = Worker::connect(server.addr, "tensor_echo", &key()).unwrap();
+    let t = Tensor::zeros(DType::U32, &[1 << 20]).unwrap();
+    w.send_attached(&(), vec![t.into()]).unwrap();
+    w.recv_attached_timeout::<(u32, u32)>(util::STEP).unwrap();
+    let pid = w.pid();
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    // Sends may still fit in socket buffers for a while; the receive must
+    // fail, not hang (the case's watchdog is the bound's backstop).
+    let t = Tensor::zeros(DType::U32, &[64 << 20]).unwrap();
+    let sent = w.send_attached(&(), vec![t.into()]);
+    let got = w.recv_attached::<(u32, u32)>();
+    assert!(
+        sent.is_err() || got.is_err(),
+        "a dead server must give an error: {sent:?} {got:?}"
+    );
+    assert!(
+        util::eventually(util::STEP, || !util::process_exists(pid)),
+        "the server's worker {pid} died with it"
+    );
+}
