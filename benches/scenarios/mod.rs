@@ -10,6 +10,7 @@
 //! - [`pipeline`]: a producer worker streaming batches to the parent.
 //! - [`spawn`]: starting a worker and getting its first reply.
 //! - [`plain`]: a worker process on a plain socketpair, for the baselines.
+//! - [`tcp`]: loopback TCP with plain syscalls, the remote workers' floors.
 #![allow(dead_code)] // Each bench uses only its own family.
 
 pub mod handoff;
@@ -17,6 +18,7 @@ pub mod latency;
 pub mod pipeline;
 pub mod plain;
 pub mod spawn;
+pub mod tcp;
 
 use std::hint::black_box;
 
