@@ -57,6 +57,9 @@ pub mod kind {
     pub const STATUS: u16 = 6;
     /// Client to server on a control connection: end the worker now.
     pub const KILL: u16 = 7;
+    /// Client to server on a control connection, right after the
+    /// handshake: the worker's environment variables.
+    pub const ENV: u16 = 8;
 }
 
 /// Attachment kinds.
@@ -182,6 +185,64 @@ pub struct StatusBody {
     pub how: u32,
     /// The exit code, or the signal number.
     pub value: i32,
+}
+
+/// Most bytes of an ENV frame's payload (`NAME=value` strings, each ended
+/// by a NUL byte).
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+
+/// The bytes of an ENV frame for `vars`: header, then each `NAME=value`
+/// and a NUL.
+///
+/// # Errors
+/// [`Error::Encode`] if a name is empty or holds `=` or NUL, a value
+/// holds NUL, or all of them pass [`MAX_ENV_BYTES`].
+pub fn env_frame<K: AsRef<[u8]>, V: AsRef<[u8]>>(vars: &[(K, V)]) -> Result<Vec<u8>> {
+    let mut payload = Vec::new();
+    for (name, value) in vars {
+        let (name, value) = (name.as_ref(), value.as_ref());
+        if name.is_empty() || name.contains(&b'=') || name.contains(&0) || value.contains(&0) {
+            return Err(Error::Encode(format!(
+                "environment variable {:?}: names must be non-empty without '=' or NUL, values without NUL",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        payload.extend_from_slice(name);
+        payload.push(b'=');
+        payload.extend_from_slice(value);
+        payload.push(0);
+    }
+    if payload.len() > MAX_ENV_BYTES {
+        return Err(Error::Encode(format!(
+            "{} bytes of environment, more than the limit of {MAX_ENV_BYTES}",
+            payload.len()
+        )));
+    }
+    let header = FrameHeader::new(kind::ENV, payload.len());
+    let mut frame = bytemuck::bytes_of(&header).to_vec();
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+/// Reads an ENV payload back into its variables, checked as
+/// [`env_frame`] makes them.
+pub fn parse_env(payload: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let bad = || Error::Protocol("malformed ENV frame".into());
+    if payload.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(body) = payload.strip_suffix(&[0]) else {
+        return Err(bad());
+    };
+    body.split(|&b| b == 0)
+        .map(|entry| {
+            let eq = entry.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+            match eq {
+                0 => Err(bad()),
+                _ => Ok((entry[..eq].to_vec(), entry[eq + 1..].to_vec())),
+            }
+        })
+        .collect()
 }
 
 /// [`StatusBody::how`]: the worker exited with code `value`.

@@ -2,8 +2,13 @@
 //! that decides what this process is (a worker, a server, or the program
 //! itself), so that nothing below it needs to know all three.
 
+use crate::cluster;
 use crate::entry::{self, EntryFn};
 use crate::server;
+
+/// Entry points every program has: the runner of
+/// [`Cluster::run`](crate::cluster::Cluster::run).
+const BUILT_IN: &[(&str, EntryFn)] = &[(cluster::RUN_ENTRY, cluster::run_command)];
 
 /// Registers the program's entry points and, if this process was started
 /// as a worker by [`Worker::exec`](crate::Worker::exec) or by a
@@ -33,8 +38,9 @@ use crate::server;
 /// }
 /// ```
 pub fn dispatch(entries: &[(&str, EntryFn)]) {
-    entry::register(entries);
-    if let Some(code) = entry::run_as_worker(entries) {
+    let entries: Vec<(&str, EntryFn)> = entries.iter().chain(BUILT_IN).copied().collect();
+    entry::register(&entries);
+    if let Some(code) = entry::run_as_worker(&entries) {
         std::process::exit(code);
     }
     if let Some(code) = server::serve_from_env() {

@@ -187,6 +187,28 @@ pub enum Error {
     #[error("authentication failed: {0}")]
     Auth(String),
 
+    /// A cluster node's server did not start: the node is unreachable, or
+    /// its launcher (ssh, srun) or server failed. `reason` quotes what
+    /// they said.
+    #[error("cannot start the server on node {node}: {reason}")]
+    Launch {
+        /// The node, as configured.
+        node: String,
+        /// What went wrong, with the launcher's own output.
+        reason: String,
+    },
+
+    /// A rank of a cluster command failed; the other ranks were stopped.
+    #[error("rank {rank} on node {node} failed: {status}")]
+    RankFailed {
+        /// The rank.
+        rank: usize,
+        /// Its node, as configured.
+        node: String,
+        /// How its command ended.
+        status: ExitStatus,
+    },
+
     /// No TCP connection could be made to a server.
     #[error("cannot connect to the server at {addr}")]
     Connect {

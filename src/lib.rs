@@ -108,6 +108,7 @@
 
 mod auth;
 mod buffer;
+pub mod cluster;
 mod codec;
 mod dispatch;
 mod entry;
@@ -150,7 +151,7 @@ pub use send_error::SendError;
 pub use sender::Sender;
 pub use server::{
     DEFAULT_ADDR, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PENDING, DEFAULT_MAX_WORKERS,
-    ENV_KEY_STDIN, ENV_SERVE, LISTENING, ServerBuilder, ShutdownHandle, WorkerServer,
+    ENV_KEY_STDIN, ENV_SERVE, LISTENING, SPARE_PORT, ServerBuilder, ShutdownHandle, WorkerServer,
 };
 pub use set::Workers;
 pub use shm::{MAX_POOL_SEATS, MAX_POOL_SLOTS};

@@ -19,14 +19,16 @@
 //!
 //! [`WorkerServer`]: crate::WorkerServer
 
+use std::ffi::OsString;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, Key, Role};
-use crate::codec::Limits;
+use crate::codec::{self, Limits};
 use crate::peer::Peer;
 use crate::sys;
 use crate::wait::Wait;
@@ -62,6 +64,7 @@ pub struct Connect {
     limits: Limits,
     liveness: Duration,
     timeout: Duration,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl Worker {
@@ -133,6 +136,7 @@ impl Worker {
             limits: Limits::default(),
             liveness: DEFAULT_LIVENESS,
             timeout: DEFAULT_CONNECT_TIMEOUT,
+            envs: Vec::new(),
         })
     }
 }
@@ -190,6 +194,22 @@ impl Connect {
         self
     }
 
+    /// An environment variable for the worker's process (set before it
+    /// starts, beside the server's own environment).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let key = miniray::Key::new("a key of sixteen bytes or more")?;
+    /// let remote = miniray::Worker::remote("127.0.0.1:7070", &key)?.env("RANK", "3");
+    /// # drop(remote);
+    /// # Ok::<(), miniray::Error>(())
+    /// ```
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Connect {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
     /// Starts the worker at `entry`; see [`Worker::connect`].
     ///
     /// # Errors
@@ -211,6 +231,14 @@ impl Connect {
             entry: entry.to_string(),
         };
         let token = auth::client_handshake(&mut control, &self.key, &start, deadline)?;
+        let vars: Vec<(&[u8], &[u8])> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect();
+        control
+            .write_all(&codec::env_frame(&vars)?)
+            .map_err(Error::Send)?;
         let mut data = dial_one(addr, &self.given, deadline)?;
         auth::client_handshake(&mut data, &self.key, &Role::Attach { token }, deadline)?;
         for conn in [&control, &data] {

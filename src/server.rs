@@ -39,7 +39,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, ENV_KEY, ENV_KEY_FILE, Key, Refusal, Role};
-use crate::codec::{Limits, StatusBody};
+use crate::codec::{FrameHeader, HEADER_LEN, Limits, MAX_ENV_BYTES, StatusBody, kind, parse_env};
 use crate::entry;
 use crate::remote::DEFAULT_LIVENESS;
 use crate::spawn::exec_worker;
@@ -67,6 +67,9 @@ pub const ENV_KEY_STDIN: &str = "MINIRAY_KEY_STDIN";
 /// The line a server started by `dispatch` prints on stdout once it
 /// listens, followed by its address: `MINIRAY_LISTENING 10.0.0.2:41234`.
 pub const LISTENING: &str = "MINIRAY_LISTENING";
+/// The line that follows [`LISTENING`]: a port that was free on this node
+/// a moment ago, for a rendezvous (`MASTER_PORT`) the workers hold.
+pub const SPARE_PORT: &str = "MINIRAY_SPARE_PORT";
 
 /// Exit status reported for a worker whose process could not be started.
 const EXIT_NOT_STARTED: i32 = 126;
@@ -504,22 +507,56 @@ fn serve_connection(mut conn: TcpStream, shared: &Arc<Shared>, key: &Key, config
         },
     });
     drop(authenticating);
-    match (role, session, attach_to) {
-        (Ok(Role::Start { entry }), Some((token, rx)), _) => {
+    // A start request's environment follows its ACCEPT at once.
+    let env = match (&role, &session) {
+        (Ok(Role::Start { .. }), Some(_)) => read_env(&mut conn, deadline).map(Some),
+        _ => Ok(None),
+    };
+    match (role, env, session, attach_to) {
+        (Ok(Role::Start { entry }), Ok(Some(env)), Some((token, rx)), _) => {
             let _reserved = Count(&shared.workers);
-            supervise(conn, &entry, (token, rx), shared, config);
+            supervise(conn, &entry, &env, (token, rx), shared, config);
         }
-        (Ok(Role::Attach { .. }), _, Some(tx)) => {
+        (Ok(Role::Attach { .. }), _, _, Some(tx)) => {
             let _ = tx.send(conn); // A supervisor gone meanwhile drops it.
         }
         // Refused, failed, or accepted but not sent: a reserved place and
         // its session go.
-        (_, Some((token, _)), _) => {
+        (_, _, Some((token, _)), _) => {
             lock(&shared.sessions).remove(&token);
             shared.workers.fetch_sub(1, Ordering::AcqRel);
         }
         _ => {}
     }
+}
+
+/// Reads the ENV frame a client sends after a start request's ACCEPT:
+/// the worker's own environment variables.
+fn read_env(conn: &mut TcpStream, deadline: Instant) -> Result<Vec<(OsString, OsString)>> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+        return Err(Error::timeout(Duration::ZERO));
+    }
+    let mut head = [0u8; HEADER_LEN];
+    conn.read_exact(&mut head).map_err(Error::Recv)?;
+    let header: FrameHeader = bytemuck::pod_read_unaligned(&head);
+    let len = usize::try_from(header.payload_len).unwrap_or(usize::MAX);
+    let expected = FrameHeader {
+        payload_len: header.payload_len,
+        ..FrameHeader::new(kind::ENV, 0)
+    };
+    if header != expected || len > MAX_ENV_BYTES {
+        return Err(Error::Protocol("expected an ENV frame after ACCEPT".into()));
+    }
+    let mut payload = vec![0u8; len];
+    conn.read_exact(&mut payload).map_err(Error::Recv)?;
+    let _ = conn.set_read_timeout(None);
+    Ok(parse_env(&payload)?
+        .into_iter()
+        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
+        .collect())
 }
 
 /// Reserves a worker's place and a session token for a start request.
@@ -557,6 +594,7 @@ fn open_session(
 fn supervise(
     control: TcpStream,
     entry: &str,
+    env: &[(OsString, OsString)],
     (token, rx): ([u8; 32], mpsc::Receiver<TcpStream>),
     shared: &Shared,
     config: &ServerBuilder,
@@ -572,7 +610,8 @@ fn supervise(
         }
     }
     let secrets = [ENV_KEY, ENV_KEY_FILE, ENV_SERVE, ENV_KEY_STDIN];
-    let child = exec_worker(entry, data.as_fd(), &config.envs, &config.limits, &secrets);
+    let envs: Vec<_> = config.envs.iter().chain(env).cloned().collect();
+    let child = exec_worker(entry, data.as_fd(), &envs, &config.limits, (&secrets, true));
     drop(data); // The worker holds it now.
     let status = match child {
         Ok(child) => watch(child.id(), &control, shared),
@@ -588,12 +627,13 @@ fn supervise(
 }
 
 /// Waits until worker `pid` exits, killing it first if the client asks,
-/// goes away, or the server stops; returns how it ended.
+/// goes away, or the server stops; returns how it ended. A kill ends the
+/// worker's whole process group: whatever it started goes with it.
 fn watch(pid: u32, control: &TcpStream, shared: &Shared) -> ExitStatus {
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => Some(fd),
         Err(_) => {
-            sys::kill_pid(pid);
+            sys::kill_group(pid);
             None
         }
     };
@@ -605,7 +645,7 @@ fn watch(pid: u32, control: &TcpStream, shared: &Shared) -> ExitStatus {
                 PollFd::readable(shared.stop_rx.as_fd()),
             ];
             if sys::poll(&mut fds, None).is_err() {
-                sys::kill_pid(pid);
+                sys::kill_group(pid);
                 break;
             }
             if fds[0].is_ready() {
@@ -614,15 +654,20 @@ fn watch(pid: u32, control: &TcpStream, shared: &Shared) -> ExitStatus {
             // Anything from the client (a KILL, end of file, an error) or
             // the server stopping ends the worker.
             if fds[1].is_ready() || fds[2].is_ready() {
-                let _ = sys::pidfd_kill(pidfd.as_fd());
+                sys::kill_group(pid);
                 break;
             }
         }
     }
-    match sys::waitpid(pid, true) {
+    let status = match sys::waitpid(pid, true) {
         Ok(Some(ended)) => ExitStatus::from(ended),
         _ => ExitStatus::Exited(EXIT_NOT_STARTED),
-    }
+    };
+    // What the worker left running in its group goes too. (The group's id
+    // cannot name another group yet: Linux reuses no id while a group of
+    // that id has members.)
+    sys::kill_group(pid);
+    status
 }
 
 /// What `dispatch` runs when [`ENV_SERVE`] is set: a server on that
@@ -655,8 +700,11 @@ fn serve(addr: &str, key_from_stdin: bool) -> Result<()> {
         }
         false => Key::from_env()?,
     };
-    let server = ServerBuilder::default().bind(addr).build(key)?;
+    let addr = bind_addr(addr);
+    let server = ServerBuilder::default().bind(&addr).build(key)?;
+    let spare = spare_port(server.local_addr().ip());
     println!("{LISTENING} {}", server.local_addr());
+    println!("{SPARE_PORT} {spare}");
     let _ = io::stdout().flush();
     if key_from_stdin {
         // The launcher's session ending closes stdin: stop then.
@@ -671,6 +719,49 @@ fn serve(addr: &str, key_from_stdin: bool) -> Result<()> {
         });
     }
     server.run()
+}
+
+/// The address to bind for [`ENV_SERVE`]'s value. An empty host (`:0`,
+/// `:7070`) means the address the coordinator reaches this node on: the
+/// one its ssh connection came to (`SSH_CONNECTION`), or else the one this
+/// node routes from towards the host that launched a Slurm step
+/// (`SLURM_LAUNCH_NODE_IPADDR`), or else loopback.
+fn bind_addr(value: &str) -> String {
+    let Some(port) = value.strip_prefix(':') else {
+        return value.to_string();
+    };
+    let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|c| {
+        let ip: std::net::IpAddr = c.split_whitespace().nth(2)?.parse().ok()?;
+        Some(ip)
+    });
+    let slurm = || {
+        let launcher: std::net::IpAddr = std::env::var("SLURM_LAUNCH_NODE_IPADDR")
+            .ok()?
+            .parse()
+            .ok()?;
+        let probe = std::net::UdpSocket::bind((unspecified(launcher), 0)).ok()?;
+        // No packet is sent: connecting a UDP socket only picks the route.
+        probe.connect((launcher, 9)).ok()?;
+        Some(probe.local_addr().ok()?.ip())
+    };
+    let ip = ssh
+        .or_else(slurm)
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string()
+}
+
+fn unspecified(like: std::net::IpAddr) -> std::net::IpAddr {
+    match like {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// A port free on `ip` right now (0 if none could be found).
+fn spare_port(ip: std::net::IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

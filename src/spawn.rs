@@ -229,7 +229,13 @@ impl Builder {
         // sockets.
         let parent_link = links::register(parent_sock.as_fd());
         let child_link = links::register(child_sock.as_fd());
-        let child = exec_worker(entry, child_sock.as_fd(), &self.envs, &self.limits, &[])?;
+        let child = exec_worker(
+            entry,
+            child_sock.as_fd(),
+            &self.envs,
+            &self.limits,
+            (&[], false),
+        )?;
         drop(child_link);
         drop(child_sock);
         let worker = Worker::adopt(child.id(), parent_sock, self.limits);
@@ -241,13 +247,15 @@ impl Builder {
 /// Starts this binary again at `entry`, with `link` as its connection (a
 /// Unix socket, or a TCP connection for a remote worker) and `envs` set;
 /// the child dies with this process and inherits no other descriptor,
-/// nor the variables in `remove` (a server's key, for one).
+/// nor the variables in `remove` (a server's key, for one). With
+/// `own_group`, it leads a process group of its own, so that it and all it
+/// starts can be killed at once ([`sys::kill_group`]).
 pub(crate) fn exec_worker(
     entry: &str,
     link: BorrowedFd<'_>,
     envs: &[(OsString, OsString)],
     limits: &Limits,
-    remove: &[&str],
+    (remove, own_group): (&[&str], bool),
 ) -> Result<std::process::Child> {
     let parent = sys::getpid();
     let child_fd = link.as_raw_fd();
@@ -264,10 +272,13 @@ pub(crate) fn exec_worker(
         cmd.arg0(arg0);
     }
     // SAFETY: the hook runs between fork and exec and makes only
-    // async-signal-safe system calls (prctl, getppid, close_range,
-    // fcntl), allocating nothing.
+    // async-signal-safe system calls (setpgid, prctl, getppid,
+    // close_range, fcntl), allocating nothing.
     unsafe {
         cmd.pre_exec(move || {
+            if own_group {
+                sys::own_process_group()?;
+            }
             sys::die_with_parent(parent)?;
             // Best effort: on kernels before 5.11, descriptors this
             // process inherited without close-on-exec reach the worker.

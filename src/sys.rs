@@ -769,6 +769,16 @@ pub fn die_with_parent(expected_parent: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// As [`die_with_parent`], with SIGTERM: for a launcher (ssh, srun, a
+/// server) that ends cleanly on it and passes it on.
+pub fn terminate_with_parent(expected_parent: u32) -> io::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(Signal::TERM))?;
+    if Pid::as_raw(rustix::process::getppid()) as u32 != expected_parent {
+        return Err(io::Error::from(Errno::SRCH));
+    }
+    Ok(())
+}
+
 /// A descriptor that refers to process `pid` and becomes readable when it
 /// exits. Safe against pid reuse once opened (the child is not yet reaped).
 /// Always close-on-exec.
@@ -813,6 +823,21 @@ pub fn sigterm_to_pipe(fd: BorrowedFd<'_>) -> io::Result<()> {
         action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         cvt(libc::sigaction(libc::SIGTERM, &action, ptr::null_mut())).map(drop)
+    }
+}
+
+/// Makes this process the leader of a new process group, so that it and
+/// everything it starts can be killed together ([`kill_group`]).
+/// Async-signal-safe: one bare syscall.
+pub fn own_process_group() -> io::Result<()> {
+    Ok(rustix::process::setpgid(None, None)?)
+}
+
+/// SIGKILL to the process group led by `pid` (a worker and whatever it
+/// started); errors are ignored: this is cleanup.
+pub fn kill_group(pid: u32) {
+    if let Ok(pid) = to_pid(pid) {
+        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
     }
 }
 
