@@ -173,6 +173,11 @@ struct ReadmeDoctests;
 #[doc = include_str!("../docs/ZERO_COPY.md")]
 struct ZeroCopyDoctests;
 
+/// And the cluster guide's (compiled, not run: they need nodes).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/CLUSTER.md")]
+struct ClusterDoctests;
+
 /// And the testing guide's (compiled, not run: they are whole programs).
 #[cfg(doctest)]
 #[doc = include_str!("../docs/TESTING.md")]

@@ -380,3 +380,28 @@ fn quote(errors: &str) -> String {
         text => format!("; it said: {text}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{field, labelled};
+
+    #[test]
+    fn announcements_are_read_with_and_without_srun_labels() {
+        assert_eq!(
+            labelled("1: MINIRAY_LISTENING 10.0.0.2:7", 2),
+            (1, "MINIRAY_LISTENING 10.0.0.2:7")
+        );
+        assert_eq!(
+            labelled("MINIRAY_LISTENING 10.0.0.2:7", 1),
+            (0, "MINIRAY_LISTENING 10.0.0.2:7")
+        );
+        // A label past the nodes, or on a one-node process, is text.
+        assert_eq!(labelled("5: x", 2), (0, "5: x"));
+        assert_eq!(labelled("0: x", 1), (0, "0: x"));
+        assert_eq!(
+            field(" MINIRAY_SPARE_PORT 4242 ", "MINIRAY_SPARE_PORT"),
+            Some("4242")
+        );
+        assert_eq!(field("MINIRAY_SPARE_PORTS 1", "MINIRAY_SPARE_PORT"), None);
+    }
+}

@@ -30,7 +30,7 @@ impl Launcher for Local {
             .iter()
             .map(|node| {
                 let mut cmd = Command::new(plan.binary_for(node));
-                cmd.envs(plan.server_env(&super::bind_spec(&node.host, 0)));
+                cmd.envs(plan.server_env(&node.bind_spec(false)));
                 ServerProcess::start(cmd, plan, std::slice::from_ref(&node.host))
             })
             .collect()

@@ -86,6 +86,7 @@ pub struct NodeConfig {
     pub(crate) ssh_options: Vec<String>,
     pub(crate) binary: Option<PathBuf>,
     pub(crate) env: Vec<(String, String)>,
+    pub(crate) server_port: u16,
 }
 
 impl NodeConfig {
@@ -100,6 +101,7 @@ impl NodeConfig {
             ssh_options: Vec::new(),
             binary: None,
             env: Vec::new(),
+            server_port: 0,
         }
     }
 
@@ -136,6 +138,23 @@ impl NodeConfig {
     pub fn binary(mut self, path: impl Into<PathBuf>) -> NodeConfig {
         self.binary = Some(path.into());
         self
+    }
+
+    /// The port its server listens on (default 0: any free port), for a
+    /// firewall that opens one.
+    pub fn server_port(mut self, port: u16) -> NodeConfig {
+        self.server_port = port;
+        self
+    }
+
+    /// The address spec its server binds: `host:port` for a local server,
+    /// `:port` (the address the coordinator reached the node on) for a
+    /// remote one.
+    pub fn bind_spec(&self, remote: bool) -> String {
+        match remote {
+            true => format!(":{}", self.server_port),
+            false => bind_spec(&self.host, self.server_port),
+        }
     }
 
     /// An environment variable for every worker on this node.

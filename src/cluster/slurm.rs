@@ -87,7 +87,7 @@ impl Launcher for Slurm {
         let n = nodes.len().to_string();
         let hosts: Vec<&str> = nodes.iter().map(|node| node.host.as_str()).collect();
         let mut export = String::from("ALL");
-        for (name, value) in plan.server_env(":0") {
+        for (name, value) in plan.server_env(&nodes[0].bind_spec(true)) {
             export.push_str(&format!(
                 ",{}={}",
                 name.to_string_lossy(),

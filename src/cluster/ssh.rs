@@ -17,7 +17,7 @@ use crate::Result;
 ///
 /// The remote command is `env MINIRAY_SERVE=:0 MINIRAY_KEY_STDIN=1 BINARY`:
 /// the server binds the address the ssh connection came to, on a free
-/// port. The binary must exist at the same path on the node, or at the
+/// port (or [`NodeConfig::server_port`]). The binary must exist at the same path on the node, or at the
 /// node's own [`NodeConfig::binary`].
 ///
 /// # Examples
@@ -73,7 +73,7 @@ impl Launcher for Ssh {
         for node in nodes {
             let mut cmd = self.command(node);
             cmd.arg("env");
-            for (name, value) in plan.server_env(":0") {
+            for (name, value) in plan.server_env(&node.bind_spec(true)) {
                 cmd.arg(format!(
                     "{}={}",
                     name.to_string_lossy(),
