@@ -78,13 +78,14 @@ pub mod attach {
 
 /// Feature bits of a HELLO. Bits this build does not know are ignored,
 /// so a newer peer can offer more.
-#[allow(dead_code)] // The stream, AUTH and TLS bits are spoken by transports to come.
+#[allow(dead_code)] // TLS is kept free for a transport to come.
 pub mod feature {
     /// Attachments travel as descriptors (`SCM_RIGHTS`): a local link.
     pub const FDS: u64 = 1 << 0;
     /// Attachments travel as bytes after the payload (a stream link).
     pub const INLINE_DATA: u64 = 1 << 1;
-    /// Reserved: challenge-response authentication inside the HELLO.
+    /// The connection was opened with the mutual HMAC handshake (AUTH
+    /// frames, before the HELLO): a TCP link.
     pub const AUTH: u64 = 1 << 2;
     /// Reserved: the connection continues under TLS.
     pub const TLS: u64 = 1 << 3;
@@ -615,8 +616,11 @@ impl Hello {
             )));
         }
         let hello: Hello = bytemuck::pod_read_unaligned(body);
-        if hello.reserved != 0 || hello.reserved2 != 0 || hello.max_depth == 0 {
+        if hello.reserved != 0 || hello.reserved2 != 0 {
             return Err(Error::Protocol("reserved HELLO fields are not zero".into()));
+        }
+        if hello.max_depth == 0 {
+            return Err(Error::Protocol("a HELLO with a maximum depth of 0".into()));
         }
         Ok(hello)
     }

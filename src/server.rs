@@ -621,9 +621,25 @@ fn supervise(
             ExitStatus::Exited(EXIT_NOT_STARTED)
         }
     };
+    // What the client sent (a KILL) is read first: closing a socket with
+    // unread bytes resets the connection, which may drop the STATUS.
+    drain(&control);
     // A few bytes into an empty socket buffer; a gone client is fine.
     let _ = (&control).write_all(&StatusBody::frame(status));
     let _ = control.shutdown(std::net::Shutdown::Both);
+}
+
+/// Reads and drops what waits on a (non-blocking) control connection, up
+/// to a few KiB: a KILL frame is 48 bytes.
+fn drain(control: &TcpStream) {
+    use std::io::Read;
+    let mut sink = [0u8; 512];
+    for _ in 0..8 {
+        match (&*control).read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => return,
+        }
+    }
 }
 
 /// Waits until worker `pid` exits, killing it first if the client asks,
@@ -703,9 +719,17 @@ fn serve(addr: &str, key_from_stdin: bool) -> Result<()> {
     let addr = bind_addr(addr);
     let server = ServerBuilder::default().bind(&addr).build(key)?;
     let spare = spare_port(server.local_addr().ip());
-    println!("{LISTENING} {}", server.local_addr());
-    println!("{SPARE_PORT} {spare}");
-    let _ = io::stdout().flush();
+    // Whoever started us may stop reading after the first line: a closed
+    // stdout must not end the server (`println!` would panic).
+    let announce = format!(
+        "{LISTENING} {}\n{SPARE_PORT} {spare}\n",
+        server.local_addr()
+    );
+    let mut stdout = io::stdout().lock();
+    let _ = stdout
+        .write_all(announce.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
     if key_from_stdin {
         // The launcher's session ending closes stdin: stop then.
         let stop = server.shutdown_handle();

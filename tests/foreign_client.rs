@@ -75,8 +75,15 @@ fn main() {
 
 // -- entry points the client uses ---------------------------------------------
 
-/// Sends back every `u64` doubled (wrapping), until the client closes.
+/// Sends back every `u64` doubled (wrapping), until the client closes;
+/// first checks the variable the client's ENV frame set.
 fn double(h: &mut Handle) -> miniray::Result<()> {
+    // The client's ENV frame set this in the worker's environment.
+    if std::env::var("MINIRAY_FROM_PYTHON").as_deref() != Ok("1") {
+        return Err(Error::Protocol(
+            "the ENV frame's variable did not reach the worker".into(),
+        ));
+    }
     loop {
         match h.recv::<u64>() {
             Ok(x) => h.send(&x.wrapping_mul(2))?,

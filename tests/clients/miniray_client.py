@@ -32,7 +32,7 @@ HELLO_LEN = 48
 AUTH_BODY_LEN = 112
 MAX_AUTH_TEXT = 1024
 
-MESSAGE, HELLO, EXIT, CLOSE, AUTH, STATUS, KILL = 1, 2, 3, 4, 5, 6, 7
+MESSAGE, HELLO, EXIT, CLOSE, AUTH, STATUS, KILL, ENV = 1, 2, 3, 4, 5, 6, 7, 8
 CHALLENGE, RESPONSE, ACCEPT, REFUSE = 1, 2, 3, 4
 START, ATTACH = 1, 2
 REFUSALS = {1: "KEY", 2: "ENTRY", 3: "BUSY", 4: "SESSION", 5: "REQUEST"}
@@ -297,6 +297,9 @@ class Worker:
 
     def __init__(self, addr, key, entry):
         self.control, token = handshake(addr, key, START, entry.encode())
+        # The worker's environment: one variable, which the entry can read.
+        env = b"MINIRAY_FROM_PYTHON=1\0"
+        self.control.sendall(header(ENV, len(env)) + env)
         self.token = token
         self.data, _ = handshake(addr, key, ATTACH, token=token)
         hello = struct.pack("<QQIIQIIQ", FEATURE_INLINE_DATA | FEATURE_AUTH,
