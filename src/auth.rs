@@ -549,6 +549,12 @@ impl AuthFrame {
     }
 }
 
+/// The bytes of a REFUSE frame, for a server to send in place of a
+/// CHALLENGE (a server with no room for another connection).
+pub(crate) fn refusal_frame(refusal: &Refusal) -> Vec<u8> {
+    AuthFrame::refuse(refusal).encode()
+}
+
 /// The client's MAC over the server's nonce and the RESPONSE `frame`
 /// (its nonce, code, token and text).
 fn client_mac(key: &Key, ns: &[u8; FIELD_LEN], frame: &AuthFrame) -> HmacSha256 {

@@ -434,7 +434,15 @@ impl WorkerServer {
         let shared = &self.shared;
         if shared.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending {
             shared.pending.fetch_sub(1, Ordering::AcqRel);
-            return; // Dropping it closes it.
+            // One write into a new connection's empty buffer, never a
+            // wait: the client hears why; then dropping it closes it.
+            let busy = Refusal::busy(format!(
+                "the server has {} connections authenticating; try again",
+                self.config.max_pending
+            ));
+            let _ = conn.set_nonblocking(true);
+            let _ = (&conn).write(&auth::refusal_frame(&busy));
+            return;
         }
         let (shared, key, config) = (shared.clone(), self.key.clone(), self.config.clone());
         let started = thread::Builder::new()

@@ -47,6 +47,7 @@ fn main() {
         case!(a_received_tensor_goes_on_to_a_local_worker),
         case!(a_dropped_client_ends_its_worker),
         case!(a_killed_server_gives_the_client_an_error),
+        case!(a_server_full_of_handshakes_says_busy),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -348,4 +349,41 @@ fn a_killed_server_gives_the_client_an_error(_: &Server) {
         util::eventually(util::STEP, || !util::process_exists(pid)),
         "the server's worker {pid} died with it"
     );
+}
+
+fn a_server_full_of_handshakes_says_busy(_: &Server) {
+    let server = WorkerServer::builder()
+        .max_pending(2)
+        .stop_on_sigterm(false)
+        .build(key())
+        .unwrap();
+    let (addr, stop) = (server.local_addr(), server.shutdown_handle());
+    let running = std::thread::spawn(move || server.run());
+    // Two connections that never answer their challenge fill it.
+    let silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200)); // Both accepted.
+    match Worker::remote(addr, &key())
+        .unwrap()
+        .timeout(util::STEP)
+        .connect("echo")
+    {
+        Err(Error::Refused { reason, .. }) => {
+            assert!(reason.contains("authenticating"), "{reason}")
+        }
+        other => panic!("expected a BUSY refusal, got {other:?}"),
+    }
+    drop(silent);
+    let mut w = None;
+    assert!(
+        util::eventually(util::STEP, || {
+            w = Worker::connect(addr, "echo", &key()).ok();
+            w.is_some()
+        }),
+        "once the silent ones are gone, a client gets in"
+    );
+    drop(w);
+    stop.shutdown();
+    running.join().unwrap().unwrap();
 }
