@@ -310,6 +310,17 @@ impl SharedBuf {
     }
 }
 
+/// A sealed fresh region holding a copy of `bytes`: its descriptor.
+fn sealed_copy_of(bytes: &[u8]) -> Result<OwnedFd> {
+    let mut copy = SharedBuf::new(bytes.len())?;
+    copy.as_bytes_mut().copy_from_slice(bytes);
+    copy.seal_for_send()?;
+    match copy.into_outgoing() {
+        Outgoing::Memfd(fd) => Ok(fd),
+        Outgoing::Pooled(_) => unreachable!("a fresh buffer is no pool slot"),
+    }
+}
+
 /// A sealed fresh region holding the first `len` bytes of `fd`.
 fn sealed_copy(fd: &OwnedFd, len: usize) -> Result<SharedBuf> {
     let mut copy = SharedBuf::new(len)?;
@@ -485,7 +496,7 @@ impl BufView {
     ///
     /// # Errors
     /// [`Error::Buffer`] if the kernel refuses to seal or map the region,
-    /// or no copy can be made; the view is then empty.
+    /// or no copy can be made; the view is then empty (length 0).
     pub(crate) fn seal_landed(&mut self) -> Result<()> {
         if !matches!(self.backing, ViewBacking::Landed(_)) {
             return Ok(());
@@ -497,22 +508,23 @@ impl BufView {
         let fd = match landing.into_sealed(self.len) {
             Ok(fd) => fd,
             // A process forked since maps the region: send a sealed copy.
-            Err(Some(landing)) => {
-                let mut copy = SharedBuf::new(self.len)?;
-                copy.as_bytes_mut().copy_from_slice(landing.bytes(self.len));
-                copy.seal_for_send()?;
-                match copy.into_outgoing() {
-                    Outgoing::Memfd(fd) => fd,
-                    Outgoing::Pooled(_) => unreachable!("a fresh buffer is no pool slot"),
+            // If none can be made, the view keeps its region, unchanged.
+            Err(Some(landing)) => match sealed_copy_of(landing.bytes(self.len)) {
+                Ok(fd) => fd,
+                Err(err) => {
+                    self.backing = ViewBacking::Landed(landing);
+                    return Err(err);
                 }
-            }
+            },
             Err(None) => {
+                self.len = 0; // Its bytes are gone: say so.
                 return Err(Error::Buffer(std::io::Error::other(
                     "cannot seal a region received over TCP",
                 )));
             }
         };
-        *self = BufView::from_memfd(fd, self.len, true, u64::MAX)?;
+        let len = std::mem::take(&mut self.len); // Empty if mapping fails.
+        *self = BufView::from_memfd(fd, len, true, u64::MAX)?;
         Ok(())
     }
 

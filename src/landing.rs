@@ -10,8 +10,9 @@
 //! a local worker without a copy ([`Landing::into_sealed`]).
 //!
 //! The pool keeps at most [`MAX_IDLE_REGIONS`] regions and
-//! [`MAX_IDLE_BYTES`] bytes idle; a region larger than that is still kept
-//! when it is the only one, so a stream of huge tensors reuses its region.
+//! [`MAX_IDLE_BYTES`] bytes idle, the most recently used: a region given
+//! back pushes out the longest idle ones, and is kept even when larger
+//! than that alone, so a stream of huge tensors reuses its region.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -56,20 +57,21 @@ pub(crate) struct Landing {
 
 impl ReceivePool {
     /// A region of at least `len` bytes (`len > 0`): an idle one that fits
-    /// (at most twice the size asked for), or a new one.
+    /// (at most twice the size a new one would have), or a new one.
     ///
     /// # Errors
     /// [`Error::FdLimit`], or [`Error::Buffer`] when no memfd can be made
     /// or mapped.
     pub(crate) fn take(&self, len: usize) -> Result<Landing> {
         debug_assert!(len > 0);
+        let size = len.next_multiple_of(GRANULE);
         let reused = {
             let mut idle = lock(&self.idle);
             let fit = idle
                 .regions
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.map.len() >= len && r.map.len() / 2 <= len)
+                .filter(|(_, r)| r.map.len() >= size && r.map.len() / 2 <= size)
                 .min_by_key(|(_, r)| r.map.len())
                 .map(|(i, _)| i);
             fit.map(|i| {
@@ -80,7 +82,7 @@ impl ReceivePool {
         };
         let region = match reused {
             Some(region) => region,
-            None => Region::new(len.next_multiple_of(GRANULE))?,
+            None => Region::new(size)?,
         };
         Ok(Landing {
             region: Some(region),
@@ -179,13 +181,17 @@ impl Drop for Landing {
             return;
         };
         let mut idle = lock(&home);
-        let size = region.map.len();
-        let room = idle.regions.len() < MAX_IDLE_REGIONS
-            && (idle.bytes + size <= MAX_IDLE_BYTES || idle.regions.is_empty());
-        if room {
-            idle.bytes += size;
-            idle.regions.push(region);
-        } // Otherwise it is unmapped and closed here.
+        // The region just used is the likeliest to fit the next frame: it
+        // stays, and the longest idle ones make room for it (unmapped and
+        // closed as they go).
+        idle.bytes += region.map.len();
+        idle.regions.push(region);
+        while idle.regions.len() > MAX_IDLE_REGIONS
+            || (idle.bytes > MAX_IDLE_BYTES && idle.regions.len() > 1)
+        {
+            let oldest = idle.regions.remove(0);
+            idle.bytes -= oldest.map.len();
+        }
     }
 }
 
@@ -201,18 +207,40 @@ mod tests {
     #[test]
     fn a_dropped_region_is_reused_for_a_similar_size() {
         let pool = ReceivePool::default();
-        let mut first = pool.take(100_000).unwrap();
+        let mut first = pool.take(1_000_000).unwrap();
         first.bytes_mut()[..4].copy_from_slice(b"mray");
         let addr = first.bytes(4).as_ptr();
         drop(first);
         assert_eq!(pool.idle().0, 1);
-        let again = pool.take(90_000).unwrap();
+        let again = pool.take(900_000).unwrap();
         assert_eq!(again.bytes(4).as_ptr(), addr, "the same pages again");
         assert_eq!(again.bytes(4), b"mray");
         // Far smaller than the idle region: a new one, not a waste.
         drop(again);
         let small = pool.take(1000).unwrap();
         assert_ne!(small.bytes(1).as_ptr(), addr);
+    }
+
+    #[test]
+    fn small_regions_are_reused_and_never_crowd_out_the_rest() {
+        let pool = ReceivePool::default();
+        for _ in 0..3 * MAX_IDLE_REGIONS {
+            let small = pool.take(100).unwrap();
+            let addr = small.bytes(1).as_ptr();
+            drop(small);
+            let again = pool.take(200).unwrap();
+            assert_eq!(again.bytes(1).as_ptr(), addr, "a small region is reused");
+        }
+        assert_eq!(pool.idle().0, 1);
+        // A full pool of small regions still takes in a large one.
+        let held: Vec<_> = (0..MAX_IDLE_REGIONS)
+            .map(|_| pool.take(10).unwrap())
+            .collect();
+        drop(held);
+        let large = pool.take(10 * GRANULE).unwrap();
+        let addr = large.bytes(1).as_ptr();
+        drop(large);
+        assert_eq!(pool.take(10 * GRANULE).unwrap().bytes(1).as_ptr(), addr);
     }
 
     #[test]

@@ -136,9 +136,7 @@ impl Prepared {
             .collect()
     }
 
-    /// All peers have their share: let forwarded views go without
-    /// releasing (their new holder gives them back).
-    /// The frame left: views passed on to a descriptor-passing peer are
+    /// All peers have their share. The frame left: views passed on to a descriptor-passing peer are
     /// that peer's to give back now; over a stream (`streamed`), their
     /// bytes were copied out and they are simply dropped.
     pub(crate) fn finish(self, streamed: bool) {
@@ -152,11 +150,6 @@ impl Prepared {
         }
     }
 
-    /// This set's attachment descriptors for one link, and the holds
-    /// they take for its peer (undone if describing fails half-way). What
-    /// the peer's `limits` would refuse is refused here, before anything
-    /// is held: a region too large, or more descriptors than a frame may
-    /// carry.
     /// Readies views that landed from a stream to go on to a peer that
     /// takes descriptors: each is sealed as a fresh region
     /// ([`BufView::seal_landed`]).
@@ -196,6 +189,13 @@ impl Prepared {
         Ok((descs, holds))
     }
 
+    /// This set's attachment descriptors for one link, and the holds
+    /// they take for its peer (undone if describing fails half-way). What
+    /// the peer's `limits` would refuse is refused here, before anything
+    /// is held: a region too large, or more descriptors than a frame may
+    /// carry.
+    /// A view that cannot be forwarded to a descriptor-passing peer is
+    /// refused here too.
     pub(crate) fn describe(
         &self,
         link: &mut dyn PoolPeer,
@@ -344,7 +344,7 @@ fn view_region(view: &BufView) -> OutRegion<'_> {
     let (fd, ticket) = match view.forward() {
         Ok(Forward::Memfd(fd)) => (Some(fd), None),
         Ok(Forward::Pooled { pool, .. }) => (Some(pool.fd()), Some(pool.ticket_fd())),
-        Err(_) => unreachable!("a view that cannot be forwarded is refused when prepared"),
+        Err(_) => unreachable!("a view that cannot be forwarded is refused when described"),
     };
     OutRegion {
         fd,

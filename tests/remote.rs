@@ -34,6 +34,8 @@ fn main() {
         ("tensor_echo", tensor_echo),
         ("forward_sum", forward_sum),
         ("sleeper", sleeper),
+        ("forward_to_exec", forward_to_exec),
+        ("sum_and_look", sum_and_look),
     ]);
     let server = Server::start();
     let cases = [
@@ -45,6 +47,7 @@ fn main() {
         case!(wrong_key_is_auth_and_the_server_goes_on),
         case!(unknown_entry_is_refused),
         case!(a_received_tensor_goes_on_to_a_local_worker),
+        case!(a_received_tensor_goes_on_to_an_execd_worker_without_a_copy),
         case!(a_dropped_client_ends_its_worker),
         case!(a_killed_server_gives_the_client_an_error),
         case!(a_server_full_of_handshakes_says_busy),
@@ -147,6 +150,27 @@ fn forward_sum(h: &mut Handle) -> miniray::Result<()> {
     let sum: u64 = local.recv()?;
     local.wait()?;
     h.send(&sum)
+}
+
+/// Hands a received tensor on to an exec'd local worker, which no fork
+/// made map the landed region, so the region itself goes, sealed.
+fn forward_to_exec(h: &mut Handle) -> miniray::Result<()> {
+    let ((), mut parts) = h.recv_attached::<()>()?;
+    let mut local = Worker::exec("sum_and_look")?;
+    local.send_attached(&(), vec![parts.remove(0).into()])?;
+    let reply: (u64, bool) = local.recv()?;
+    local.wait()?;
+    h.send(&reply)
+}
+
+/// Sums a tensor, and says whether it maps the very region the bytes
+/// landed in over TCP (a memfd named `miniray-landing`).
+fn sum_and_look(h: &mut Handle) -> miniray::Result<()> {
+    let ((), mut parts) = h.recv_attached::<()>()?;
+    let t = parts.remove(0).into_tensor()?;
+    let sum = t.as_slice::<u64>()?.iter().sum::<u64>();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    h.send(&(sum, maps.contains("memfd:miniray-landing")))
 }
 
 fn sleeper(h: &mut Handle) -> miniray::Result<()> {
@@ -280,6 +304,20 @@ fn a_received_tensor_goes_on_to_a_local_worker(server: &Server) {
     w.send_attached(&(), vec![t.into()]).unwrap();
     let sum: u64 = w.recv_timeout(util::STEP).unwrap();
     assert_eq!(sum, xs.iter().sum::<u64>());
+    assert!(w.wait_timeout(util::STEP).unwrap().success());
+}
+
+fn a_received_tensor_goes_on_to_an_execd_worker_without_a_copy(server: &Server) {
+    let mut w = server.connect("forward_to_exec");
+    let xs: Vec<u64> = (0..1_000_000).map(|i| i * 3).collect();
+    let t = Tensor::from_slice(&xs, &[xs.len()]).unwrap();
+    w.send_attached(&(), vec![t.into()]).unwrap();
+    let (sum, same_region): (u64, bool) = w.recv_timeout(util::STEP).unwrap();
+    assert_eq!(sum, xs.iter().sum::<u64>());
+    assert!(
+        same_region,
+        "the local worker maps the landed region itself, not a copy"
+    );
     assert!(w.wait_timeout(util::STEP).unwrap().success());
 }
 
