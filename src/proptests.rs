@@ -3020,3 +3020,557 @@ fn an_unmappable_peer_region_is_a_protocol_error() {
     d.len_bytes = 1 << 50;
     protocol(decode_one_region(d, 1 << 50, u64::MAX));
 }
+
+// ---------------------------------------------------------------------------
+// 5. The frame reader of the TCP transport
+// ---------------------------------------------------------------------------
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+
+use crate::transport::tcp::{TcpRx, TcpTx};
+
+/// What the TCP reader may say: as the Unix reader. Attachments that lie
+/// (a kind that cannot cross TCP, a region over the limit, a data length
+/// that is not their sum) are protocol errors too.
+const TCP_READER_ERRORS: &[Class] = READER_ERRORS;
+
+/// A whole frame as the TCP reader handed it out, with the bytes each
+/// attachment landed (`None` for an empty one).
+#[derive(Debug, PartialEq)]
+struct TcpGot {
+    header: FrameHeader,
+    body: Vec<u8>,
+    landed: Vec<Option<Vec<u8>>>,
+}
+
+/// A loopback TCP connection with the transport's reader on the accepted
+/// end and the test writing the other.
+struct TcpLink {
+    writer: Option<TcpStream>,
+    rx: TcpRx,
+    _tx: TcpTx,
+    limits: Limits,
+    written: usize,
+    /// The first error the reader reported.
+    error: Option<Error>,
+    got: Vec<TcpGot>,
+}
+
+impl TcpLink {
+    fn new(limits: Limits) -> TcpLink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let addr = listener.local_addr().expect("the listener's address");
+        let writer = TcpStream::connect(addr).expect("connect on loopback");
+        let (reader, _) = listener.accept().expect("accept");
+        sys::tune_tcp(reader.as_fd(), crate::remote::DEFAULT_LIVENESS).expect("tune");
+        writer.set_nonblocking(true).expect("a non-blocking writer");
+        let (tx, rx) = transport::tcp::split(reader);
+        TcpLink {
+            writer: Some(writer),
+            rx,
+            _tx: tx,
+            limits,
+            written: 0,
+            error: None,
+            got: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes`, reading whenever the connection is full. False once
+    /// the reader failed and the connection is full: nothing more goes in.
+    fn send(&mut self, bytes: &[u8]) -> Result<bool, TestCaseError> {
+        let mut rest = bytes;
+        let mut stuck = 0;
+        while !rest.is_empty() {
+            let written = (&mut self.writer.as_ref().expect("writer open")).write(rest);
+            match written {
+                Ok(n) => {
+                    self.written += n;
+                    rest = &rest[n..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.error.is_some() {
+                        return Ok(false);
+                    }
+                    self.pump()?;
+                    // The room the reader made reaches the writer with the
+                    // window update: wait for it rather than spin.
+                    let writer = self.writer.as_ref().expect("writer open");
+                    let mut fds = [sys::PollFd::writable(writer.as_fd())];
+                    sys::poll(&mut fds, Some(Duration::from_millis(10))).expect("poll");
+                    stuck += 1;
+                    prop_assert!(stuck < 10_000, "the reader stopped reading");
+                }
+                Err(e) => return Err(TestCaseError::fail(format!("write: {e}"))),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fills until the reader runs dry or fails, taking every whole frame,
+    /// and checks the reader's bounds after each fill.
+    fn pump(&mut self) -> Result<(), TestCaseError> {
+        for _ in 0..1_000_000 {
+            if self.error.is_some() {
+                return Ok(());
+            }
+            let filled = self.rx.fill(&self.limits, Blocking::No);
+            let held = self.rx.held_bytes();
+            prop_assert!(
+                held <= memory_bound(self.written),
+                "the reader holds {held} bytes after {} arrived",
+                self.written
+            );
+            match filled {
+                Ok(true) => self.take()?,
+                Ok(false) => return Ok(()),
+                Err(err) => {
+                    allowed(&err, TCP_READER_ERRORS)?;
+                    if matches!(err, Error::Disconnected) {
+                        prop_assert!(
+                            self.writer.is_none(),
+                            "disconnected while the writer is open"
+                        );
+                    }
+                    // A failed reader lets go of everything at once, and
+                    // stays failed (or at the end of the stream).
+                    prop_assert_eq!(self.rx.held_bytes(), 0);
+                    match self.rx.fill(&self.limits, Blocking::No) {
+                        Err(e) => allowed(&e, TCP_READER_ERRORS)?,
+                        Ok(_) => prop_assert!(false, "a reader filled after {err:?}"),
+                    }
+                    self.error = Some(err);
+                    return Ok(());
+                }
+            }
+        }
+        Err(TestCaseError::fail("the reader never ran dry"))
+    }
+
+    /// Takes the whole frame and checks it is one the limits allow: its
+    /// body whole, every attachment of the stream kind within the region
+    /// limit, their sum the header's data length, each non-empty one
+    /// landed in a region of its own.
+    fn take(&mut self) -> Result<(), TestCaseError> {
+        let frame = self.rx.take();
+        let total = frame.header.check(&self.limits, true);
+        prop_assert!(total.is_ok(), "handed out {:?}: {:?}", frame.header, total);
+        let body_len = total.unwrap() as u64 - frame.header.data_len;
+        prop_assert_eq!(frame.body.len() as u64, body_len);
+        prop_assert!(frame.fds.is_empty() && !frame.truncated);
+        prop_assert!(frame.lost.is_none(), "lost: {:?}", frame.lost);
+        let mut landed = Vec::new();
+        if frame.header.kind == codec::kind::MESSAGE {
+            let n = frame.header.attachments as usize;
+            prop_assert_eq!(frame.landed.len(), n);
+            let mut sum = 0u64;
+            for (chunk, region) in frame.body[..n * DESC_LEN]
+                .chunks_exact(DESC_LEN)
+                .zip(&frame.landed)
+            {
+                let d: AttachmentDesc = bytemuck::pod_read_unaligned(chunk);
+                prop_assert_eq!(d.kind, attach::STREAM);
+                prop_assert!(d.len_bytes <= self.limits.max_region_bytes);
+                sum += d.len_bytes;
+                let len = d.len_bytes as usize;
+                match region {
+                    Some(region) => {
+                        prop_assert!(len > 0, "a region for an empty attachment");
+                        landed.push(Some(region.bytes(len).to_vec()));
+                    }
+                    None => {
+                        prop_assert_eq!(len, 0, "no region for {} bytes", len);
+                        landed.push(None);
+                    }
+                }
+            }
+            prop_assert_eq!(sum, frame.header.data_len);
+        } else {
+            prop_assert!(frame.landed.is_empty());
+        }
+        self.got.push(TcpGot {
+            header: frame.header,
+            body: frame.body.to_vec(),
+            landed,
+        });
+        Ok(())
+    }
+
+    /// Ends the stream (shut down, or the socket closed) and reads to its
+    /// end; returns the error the reader ended with.
+    fn finish(&mut self, shutdown: bool) -> Result<Class, TestCaseError> {
+        let writer = self.writer.take().expect("writer open");
+        if shutdown {
+            writer.shutdown(Shutdown::Write).expect("shutdown");
+        }
+        drop(writer);
+        for _ in 0..100 {
+            self.pump()?;
+            if self.error.is_some() {
+                break;
+            }
+            let mut fds = [sys::PollFd::readable(self.rx.as_fd())];
+            sys::poll(&mut fds, Some(Duration::from_millis(100))).expect("poll");
+        }
+        let err = self.error.as_ref();
+        prop_assert!(err.is_some(), "the reader ran dry at the end of the stream");
+        Ok(class(err.unwrap()))
+    }
+}
+
+/// A message as the TCP transport sends it: a descriptor of the stream
+/// kind per attachment, a payload, then each attachment's bytes.
+#[derive(Clone, Debug)]
+struct TcpMessage {
+    lens: Vec<u32>,
+    payload: u16,
+    type_id: u64,
+    seed: u64,
+}
+
+fn tcp_message() -> impl Strategy<Value = TcpMessage> {
+    let len = prop_oneof![3 => 1u32..=300, 2 => 1u32..=70_000, 1 => Just(0u32)];
+    (vec(len, 0..=4), 0u16..=3000, any::<u64>(), any::<u64>()).prop_map(
+        |(lens, payload, type_id, seed)| TcpMessage {
+            lens,
+            payload,
+            type_id,
+            seed,
+        },
+    )
+}
+
+impl TcpMessage {
+    /// Its attachments and payload, within `limits`.
+    fn fitted(&self, limits: &Limits) -> (Vec<u64>, usize) {
+        let lens = self
+            .lens
+            .iter()
+            .take(limits.max_attachments as usize)
+            .map(|&l| u64::from(l).min(limits.max_region_bytes))
+            .collect();
+        let payload = u64::from(self.payload).min(limits.max_payload_bytes) as usize;
+        (lens, payload)
+    }
+
+    /// Attachment `i`'s bytes.
+    fn attachment(&self, i: usize, len: u64) -> Vec<u8> {
+        filler(self.seed ^ (i as u64 + 1), len as usize)
+    }
+
+    /// The frame's bytes, within `limits`.
+    fn encode(&self, limits: &Limits) -> Vec<u8> {
+        let (lens, payload) = self.fitted(limits);
+        let mut header = FrameHeader::message(lens.len(), payload, self.type_id);
+        header.data_len = lens.iter().sum();
+        let mut bytes = bytemuck::bytes_of(&header).to_vec();
+        for &len in &lens {
+            let mut d = AttachmentDesc::zeroed();
+            d.kind = attach::STREAM;
+            d.len_bytes = len;
+            bytes.extend_from_slice(bytemuck::bytes_of(&d));
+        }
+        bytes.extend(filler(self.seed, payload));
+        for (i, &len) in lens.iter().enumerate() {
+            bytes.extend(self.attachment(i, len));
+        }
+        bytes
+    }
+
+    /// What the reader should hand out for it.
+    fn expected(&self, limits: &Limits, bytes: &[u8]) -> TcpGot {
+        let (lens, payload) = self.fitted(limits);
+        let body_len = lens.len() * DESC_LEN + payload;
+        TcpGot {
+            header: bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN]),
+            body: bytes[HEADER_LEN..HEADER_LEN + body_len].to_vec(),
+            landed: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| (len > 0).then(|| self.attachment(i, len)))
+                .collect(),
+        }
+    }
+}
+
+/// Where the fields of an encoded message lie: the header's, then each
+/// descriptor's.
+fn message_fields(attachments: usize) -> Vec<(usize, usize)> {
+    let descs = (0..attachments).flat_map(|k| {
+        DESC_FIELDS
+            .iter()
+            .map(move |&(at, size)| (HEADER_LEN + k * DESC_LEN + at, size))
+    });
+    HEADER_FIELDS.iter().copied().chain(descs).collect()
+}
+
+/// Limits for the TCP reader: the payload and attachment limits of the
+/// Unix reader's properties, and region limits small and default.
+fn tcp_reader_limits() -> impl Strategy<Value = Limits> {
+    let region = prop_oneof![
+        3 => Just(codec::DEFAULT_MAX_REGION_BYTES),
+        2 => 0u64..=80_000,
+    ];
+    (reader_limits(), region).prop_map(|(limits, max_region_bytes)| Limits {
+        max_region_bytes,
+        ..limits
+    })
+}
+
+/// Bytes for an arbitrary TCP stream: those of the Unix reader's streams,
+/// and messages with streamed attachments, whole or with one field of the
+/// header or of a descriptor changed (a kind that cannot cross TCP, a
+/// length past the region limit, a data length that is not their sum).
+fn tcp_segment() -> impl Strategy<Value = Vec<u8>> {
+    let message = (
+        tcp_message(),
+        any::<usize>(),
+        proptest::option::of(mutation()),
+    )
+        .prop_map(|(m, field, change)| {
+            let mut bytes = m.encode(&Limits::default());
+            if let Some(change) = change {
+                let fields = message_fields(m.lens.len());
+                mutate(&mut bytes, fields[field % fields.len()], &change);
+            }
+            bytes
+        });
+    prop_oneof![3 => segment(), 2 => message]
+}
+
+#[test]
+fn tcp_reader_of_arbitrary_chunks() {
+    let chunk = (vec(tcp_segment(), 1..=3), any::<bool>());
+    let input = (tcp_reader_limits(), vec(chunk, 1..=10), any::<bool>());
+    check(
+        "tcp_reader_of_arbitrary_chunks",
+        300,
+        input,
+        |(limits, chunks, shutdown)| {
+            let mut link = TcpLink::new(limits);
+            for (segments, read_after) in &chunks {
+                if !link.send(&segments.concat())? {
+                    break;
+                }
+                if *read_after {
+                    link.pump()?;
+                }
+            }
+            link.finish(shutdown)?;
+            Ok(())
+        },
+    );
+}
+
+/// A frame of a well-formed TCP stream after its HELLO.
+#[derive(Clone, Debug)]
+enum TcpFrameSpec {
+    Message(TcpMessage),
+    Exit { code: i32, text: u16, seed: u64 },
+    Close,
+}
+
+impl TcpFrameSpec {
+    /// The frame's bytes within `limits`, and what the reader should hand
+    /// out for it.
+    fn encode(&self, limits: &Limits) -> (Vec<u8>, TcpGot) {
+        let bytes = match self {
+            TcpFrameSpec::Message(m) => {
+                let bytes = m.encode(limits);
+                let expected = m.expected(limits, &bytes);
+                return (bytes, expected);
+            }
+            TcpFrameSpec::Exit { code, text, seed } => {
+                let mut bytes = bytemuck::bytes_of(&FrameHeader::exit(*text as usize)).to_vec();
+                let prefix = ExitPrefix {
+                    code: *code,
+                    reserved: 0,
+                };
+                bytes.extend_from_slice(bytemuck::bytes_of(&prefix));
+                bytes.extend(filler(*seed, *text as usize));
+                bytes
+            }
+            TcpFrameSpec::Close => bytemuck::bytes_of(&FrameHeader::close()).to_vec(),
+        };
+        let got = TcpGot {
+            header: bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN]),
+            body: bytes[HEADER_LEN..].to_vec(),
+            landed: Vec::new(),
+        };
+        (bytes, got)
+    }
+}
+
+fn tcp_frame_spec() -> impl Strategy<Value = TcpFrameSpec> {
+    prop_oneof![
+        8 => tcp_message().prop_map(TcpFrameSpec::Message),
+        1 => (any::<i32>(), 0u16..=4096, any::<u64>())
+            .prop_map(|(code, text, seed)| TcpFrameSpec::Exit { code, text, seed }),
+        1 => Just(TcpFrameSpec::Close),
+    ]
+}
+
+/// How a well-formed TCP stream is spoiled, if at all.
+#[derive(Clone, Debug)]
+enum TcpSpoil {
+    None,
+    /// One field of one frame (modulo their numbers) changed.
+    Field(usize, usize, Mutation),
+    /// Bytes at these stream offsets (modulo its length) XORed.
+    Flip(Vec<(u32, u8)>),
+    /// The stream cut short after this many bytes (modulo its length).
+    Cut(u32),
+}
+
+fn tcp_spoil() -> impl Strategy<Value = TcpSpoil> {
+    prop_oneof![
+        3 => Just(TcpSpoil::None),
+        4 => (any::<usize>(), any::<usize>(), mutation())
+            .prop_map(|(frame, field, m)| TcpSpoil::Field(frame, field, m)),
+        1 => vec((any::<u32>(), 1u8..=255), 1..=3).prop_map(TcpSpoil::Flip),
+        1 => any::<u32>().prop_map(TcpSpoil::Cut),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct TcpStreamCase {
+    limits: Limits,
+    frames: Vec<TcpFrameSpec>,
+    /// Where the stream is cut into writes (modulo its length).
+    cuts: Vec<u32>,
+    /// Bit `i` set: read after write `i`.
+    reads: u64,
+    spoil: TcpSpoil,
+    shutdown: bool,
+}
+
+fn tcp_stream_case() -> impl Strategy<Value = TcpStreamCase> {
+    (
+        tcp_reader_limits(),
+        vec(tcp_frame_spec(), 0..=6),
+        vec(any::<u32>(), 0..=12),
+        any::<u64>(),
+        tcp_spoil(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(limits, frames, cuts, reads, spoil, shutdown)| TcpStreamCase {
+                limits,
+                frames,
+                cuts,
+                reads,
+                spoil,
+                shutdown,
+            },
+        )
+}
+
+#[test]
+fn tcp_reader_of_frame_streams_cut_and_changed() {
+    check(
+        "tcp_reader_of_frame_streams_cut_and_changed",
+        300,
+        tcp_stream_case(),
+        tcp_stream_holds,
+    );
+}
+
+fn tcp_stream_holds(case: TcpStreamCase) -> Result<(), TestCaseError> {
+    let limits = case.limits;
+    let hello = Hello::new(&limits, feature::INLINE_DATA | feature::AUTH, 1);
+    let mut first = bytemuck::bytes_of(&FrameHeader::hello()).to_vec();
+    first.extend_from_slice(bytemuck::bytes_of(&hello));
+    let hello_got = TcpGot {
+        header: FrameHeader::hello(),
+        body: bytemuck::bytes_of(&hello).to_vec(),
+        landed: Vec::new(),
+    };
+    let mut frames = vec![(first, hello_got)];
+    frames.extend(case.frames.iter().map(|f| f.encode(&limits)));
+    let mut intact = frames.len();
+    match &case.spoil {
+        TcpSpoil::Field(k, field, m) => {
+            let k = k % frames.len();
+            let bytes = &mut frames[k].0;
+            // A message's descriptors have fields of their own.
+            let header: FrameHeader = bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN]);
+            let descs = match header.kind {
+                codec::kind::MESSAGE => header.attachments as usize,
+                _ => 0,
+            };
+            let fields = message_fields(descs);
+            mutate(bytes, fields[field % fields.len()], m);
+            intact = k;
+        }
+        TcpSpoil::None | TcpSpoil::Flip(_) | TcpSpoil::Cut(_) => {}
+    }
+    let starts: Vec<usize> = frames
+        .iter()
+        .scan(0, |at, (bytes, _)| {
+            let start = *at;
+            *at += bytes.len();
+            Some(start)
+        })
+        .collect();
+    let mut stream: Vec<u8> = frames.iter().flat_map(|(b, _)| b.clone()).collect();
+    let mut cut_at = stream.len();
+    match &case.spoil {
+        TcpSpoil::Flip(flips) => {
+            for &(at, x) in flips {
+                let at = at as usize % stream.len();
+                stream[at] ^= x;
+                intact = intact.min(starts.iter().rposition(|&s| s <= at).unwrap_or(0));
+            }
+        }
+        TcpSpoil::Cut(at) => {
+            cut_at = *at as usize % stream.len();
+            intact = starts
+                .iter()
+                .zip(&frames)
+                .filter(|(s, (b, _))| *s + b.len() <= cut_at)
+                .count();
+        }
+        TcpSpoil::None | TcpSpoil::Field(..) => {}
+    }
+    stream.truncate(cut_at);
+
+    let mut at: Vec<usize> = case
+        .cuts
+        .iter()
+        .map(|&c| c as usize % stream.len().max(1))
+        .filter(|&c| c > 0)
+        .collect();
+    at.sort_unstable();
+    at.dedup();
+    let mut link = TcpLink::new(limits);
+    let mut from = 0;
+    for (i, to) in at.into_iter().chain([stream.len()]).enumerate() {
+        if !link.send(&stream[from..to])? {
+            break;
+        }
+        from = to;
+        if case.reads & (1 << (i % 64)) != 0 {
+            link.pump()?;
+        }
+    }
+    let ended = link.finish(case.shutdown)?;
+
+    // Frames before the first spoiled one come out exactly as sent, their
+    // attachments' bytes as they were.
+    for (k, (_, want)) in frames.iter().enumerate().take(intact) {
+        let Some(got) = link.got.get(k) else {
+            return Err(TestCaseError::fail(format!(
+                "frame {k} of {intact} intact ones never came out (ended with {ended:?})"
+            )));
+        };
+        prop_assert_eq!(got, want, "frame {}", k);
+    }
+    // Unspoiled or only cut short, the stream ends cleanly after the
+    // whole frames, and no frame is made up of a partial one.
+    if matches!(case.spoil, TcpSpoil::None | TcpSpoil::Cut(_)) {
+        prop_assert_eq!(link.got.len(), intact);
+        prop_assert_eq!(ended, Class::Disconnected);
+    }
+    Ok(())
+}

@@ -270,3 +270,46 @@ pub fn sealed_memfd(
         Ok(fd)
     }
 }
+
+/// Attachment kind of bytes in the stream (TCP) on the wire.
+pub const RAW_ATTACH_STREAM: u32 = 3;
+
+/// A field of `/proc/PID/status` in KiB (`"VmRSS"`, ...), or `None` once
+/// the process is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// How many descriptors process `pid` has open, or `None` once it is gone.
+pub fn proc_fd_count(pid: u32) -> Option<usize> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.filter(|e| e.is_ok()).count())
+}
+
+/// How many threads process `pid` has (`/proc/PID/task`), or `None` once
+/// it is gone.
+pub fn proc_thread_count(pid: u32) -> Option<usize> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(dir.filter(|e| e.is_ok()).count())
+}
+
+/// The pids of the living or unreaped children of process `pid`, sorted:
+/// as [`child_pids`], for another process than this one.
+pub fn child_pids_of(pid: u32) -> Vec<u32> {
+    let parent = pid.to_string();
+    let mut children: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&child: &u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after_name.split_whitespace().nth(1) == Some(parent.as_str())
+        })
+        .collect();
+    children.sort_unstable();
+    children
+}
