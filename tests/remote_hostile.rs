@@ -393,6 +393,7 @@ mod kind {
     pub const EXIT: u16 = 3;
     pub const AUTH: u16 = 5;
     pub const STATUS: u16 = 6;
+    pub const ENV: u16 = 8;
 }
 
 /// Handshake steps, roles and refusals (`src/auth.rs`).
@@ -405,6 +406,7 @@ mod step {
 const ROLE_START: u32 = 1;
 const ROLE_ATTACH: u32 = 2;
 const REFUSE_KEY: u32 = 1;
+const REFUSE_BUSY: u32 = 3;
 const REFUSE_REQUEST: u32 = 5;
 
 const HEADER_LEN: usize = 48;
@@ -699,6 +701,11 @@ impl Session {
         let control = dial(server.addr);
         let (start, accept) = handshake(&control, ROLE_START, [0; 32], "victim");
         assert_eq!(accept.step, step::ACCEPT, "{accept:?}");
+        // The worker's environment, empty, follows the START's ACCEPT.
+        assert!(write_unless_closed(
+            &control,
+            &header(kind::ENV, 0, 0, 0, 0)
+        ));
         let data = dial(server.addr);
         let (attach, joined) = handshake(&data, ROLE_ATTACH, accept.token, "");
         assert_eq!(joined.step, step::ACCEPT, "{joined:?}");
@@ -1103,7 +1110,7 @@ fn a_huge_region_claim_costs_what_arrived(server: &mut ServerProcess) {
 }
 
 /// More connections than `max_pending` that never speak: the first 32 get
-/// a challenge, the rest are closed at once, a new client cannot get in
+/// a challenge, the rest a REFUSE BUSY and are closed at once, a new client cannot get in
 /// while they wait, the good client (already in) keeps working, and once
 /// the handshake deadline closes the silent ones a new client connects.
 fn connections_past_max_pending_are_closed_at_once(server: &mut ServerProcess) {
@@ -1118,7 +1125,17 @@ fn connections_past_max_pending_are_closed_at_once(server: &mut ServerProcess) {
         }
         for s in past_cap {
             let (got, took) = read_until_closed(s, util::STEP).expect("closed past the cap");
-            assert!(got.is_empty(), "a connection past the cap was challenged");
+            assert!(
+                got.len() > HEADER_LEN + 8,
+                "a connection past the cap heard {got:?}"
+            );
+            let step = u32::from_le_bytes(got[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap());
+            let code = u32::from_le_bytes(got[HEADER_LEN + 4..HEADER_LEN + 8].try_into().unwrap());
+            assert_eq!(
+                (step, code),
+                (step::REFUSE, REFUSE_BUSY),
+                "refused as busy, not challenged"
+            );
             assert!(took < HANDSHAKE, "closed only after {took:?}");
         }
         assert!(
