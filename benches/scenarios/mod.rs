@@ -11,12 +11,14 @@
 //! - [`spawn`]: starting a worker and getting its first reply.
 //! - [`plain`]: a worker process on a plain socketpair, for the baselines.
 //! - [`tcp`]: loopback TCP with plain syscalls, the remote workers' floors.
+//! - [`remote`]: remote workers over loopback TCP, measured against them.
 #![allow(dead_code)] // Each bench uses only its own family.
 
 pub mod handoff;
 pub mod latency;
 pub mod pipeline;
 pub mod plain;
+pub mod remote;
 pub mod spawn;
 pub mod tcp;
 
@@ -36,9 +38,15 @@ pub trait Scenario {
     fn run_once(&mut self);
 }
 
-/// Entry points that exec-mode workers of these benches run; every `main`
-/// that uses the scenarios passes them to `miniray::dispatch` first.
-pub const ENTRIES: &[(&str, miniray::EntryFn)] = &[(spawn::EXEC_ENTRY, spawn::reply_once)];
+/// Entry points that exec-mode workers of these benches run, and the
+/// remote workers that a `WorkerServer` starts; every `main` that uses the
+/// scenarios passes them to `miniray::dispatch` first.
+pub const ENTRIES: &[(&str, miniray::EntryFn)] = &[
+    (spawn::EXEC_ENTRY, spawn::reply_once),
+    (remote::ECHO_ENTRY, remote::echo),
+    (remote::FIRST_LAST_ENTRY, remote::reply_first_last),
+    (remote::SEND_BACK_ENTRY, remote::send_back),
+];
 
 /// The parent's CPU while it measures round trips; each round-trip
 /// worker runs on [`WORKER_CPU`]. With the placement fixed, every round
