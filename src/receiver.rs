@@ -301,7 +301,9 @@ impl Receiver {
             // Nothing else to watch: block in the read itself, saving a
             // poll per message. (A socket someone made non-blocking reads
             // nothing here: then poll below.)
-            (Wait::Forever, false) if self.fill(Blocking::Yes)? => return Ok(true),
+            (Wait::Forever, false) if self.rx.reads_block() && self.fill(Blocking::Yes)? => {
+                return Ok(true);
+            }
             _ => {}
         }
         // A frame read ahead with the previous one needs no poll (and a

@@ -153,6 +153,13 @@ impl Tx {
 }
 
 impl Rx {
+    /// Whether a `Blocking::Yes` fill can wait in the read itself. A TCP
+    /// connection is non-blocking (its sends must not wait past a
+    /// deadline), so a read there cannot wait: poll first instead.
+    pub(crate) fn reads_block(&self) -> bool {
+        matches!(self, Rx::Unix(_))
+    }
+
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Rx::Unix(r) => r.as_fd(),
