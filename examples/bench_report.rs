@@ -481,10 +481,10 @@ const FRAME_READS: &str = "a MiniRay round trip makes 5 system calls to the base
 
 /// Why a remote round trip costs more than the raw TCP one (measured with
 /// a syscall trace; see docs/BENCHMARKS.md).
-const REMOTE_FRAME_READS: &str = "a remote round trip makes 7 system calls to the raw \
+const REMOTE_FRAME_READS: &str = "a remote round trip makes 6 system calls to the raw \
      one's 4: the client polls the data connection together with the server's control \
-     connection, and the worker's blocking recvmsg meets a socket made non-blocking \
-     (EAGAIN, then poll and recvmsg again); every wake-up crosses CPUs";
+     connection, and the worker, whose socket is non-blocking, polls before it reads; \
+     every wake-up crosses CPUs";
 
 /// Why a pipeline can fall short of its producer's own speed.
 const TWO_CORES: &str = "the producer's writes and the parent's reads overlap only \
