@@ -313,3 +313,148 @@ pub fn child_pids_of(pid: u32) -> Vec<u32> {
     children.sort_unstable();
     children
 }
+
+/// Whether process `pid` runs: it exists and is not a zombie (a zombie
+/// has ended; only its parent's wait is missing).
+pub fn process_alive(pid: u32) -> bool {
+    process_exists(pid) && process_state(pid).is_some_and(|s| s != 'Z')
+}
+
+/// The parent of process `pid` (field 4 of `/proc/PID/stat`).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The command line of process `pid`, its arguments joined by spaces.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    Some(words.join(" "))
+}
+
+/// The living processes, other than this one and its ancestors (a test
+/// that ran this one), that run this same test binary: its servers and
+/// workers, on any "node" of this machine.
+pub fn others_running_this_binary() -> Vec<u32> {
+    let mut mine = vec![std::process::id()];
+    while let Some(parent) = parent_pid(mine[mine.len() - 1]).filter(|&p| p > 1) {
+        mine.push(parent);
+    }
+    let exe = std::fs::read_link("/proc/self/exe").expect("read /proc/self/exe");
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| !mine.contains(pid) && process_alive(*pid))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Reads one line from `from` on a thread of its own, waiting at most
+/// `limit`: `None` at end of input, on an error, or past the limit (the
+/// thread is then left blocked on the read, and ends when `from` closes).
+pub fn read_line_timeout(
+    from: impl std::io::Read + Send + 'static,
+    limit: Duration,
+) -> Option<String> {
+    use std::io::BufRead;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let read = std::io::BufReader::new(from).read_line(&mut line);
+        let _ = tx.send(matches!(read, Ok(n) if n > 0).then_some(line));
+    });
+    rx.recv_timeout(limit).ok().flatten()
+}
+
+/// Runs `cmd`, waiting at most `limit` for it to end and for its output
+/// to close, and returns its status and what it wrote (stdout, stderr);
+/// `None` past the limit, after killing it.
+pub fn output_timeout(
+    cmd: &mut std::process::Command,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, String, String)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    let drain = |mut from: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = from.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        rx
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20))
+            }
+            _ => break None,
+        }
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    };
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
+    let out = out.recv_timeout(left()).ok()?;
+    let err = err.recv_timeout(left()).ok()?;
+    Some((status, out, err))
+}
+
+/// As [`watchdog`], running `cleanup` before it ends the process (which
+/// runs no destructor): for what a test makes outside the process, such as
+/// network namespaces.
+pub fn watchdog_then(name: &'static str, limit: Duration, cleanup: fn()) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("watchdog: test `{name}` still running after {limit:?}; aborting");
+            cleanup();
+            std::process::exit(99);
+        }
+    });
+    Watchdog { disarm: Some(tx) }
+}
+
+/// The processes (this one included) whose command line or environment
+/// holds `needle`, each with where: `(pid, "cmdline" or "environ")`. Reads
+/// every process's environment, which takes root for other users'.
+pub fn processes_showing(needle: &[u8]) -> Vec<(u32, &'static str)> {
+    let holds = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let mut found = Vec::new();
+    for pid in std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    {
+        for what in ["cmdline", "environ"] {
+            if std::fs::read(format!("/proc/{pid}/{what}")).is_ok_and(|b| holds(&b)) {
+                found.push((pid, what));
+            }
+        }
+    }
+    found
+}
