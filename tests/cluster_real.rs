@@ -67,6 +67,7 @@ fn main() {
         case!(ssh_two_nodes_exchange_run_and_stop_leaving_nothing),
         case!(ssh_an_unreachable_node_fails_start_naming_it_and_leaves_nothing),
         case!(slurm_ranks_follow_the_jobs_nodes_and_no_step_remains),
+        case!(slurm_a_one_node_job_runs_its_ranks),
         case!(netns_a_cut_node_and_a_killed_node_fail_their_calls_only),
         case!(ssh_a_killed_coordinator_leaves_no_process),
     ];
@@ -451,6 +452,11 @@ fn slurm_jobs() -> Vec<String> {
 
 fn slurm_ranks_follow_the_jobs_nodes_and_no_step_remains() {
     salloc_a_cluster(&["-N2", "--ntasks-per-node=2"], &[("n1", 2), ("n2", 2)]);
+}
+
+/// One node: srun's output then carries no label to tell nodes apart.
+fn slurm_a_one_node_job_runs_its_ranks() {
+    salloc_a_cluster(&["-N1", "-n2"], &[("n1", 2)]);
 }
 
 /// `NODE:TASKS,...`: what the part inside the allocation must find.

@@ -6,7 +6,8 @@
 //! `SLURM_TASKS_PER_NODE`); ranks follow Slurm's node order. The step runs
 //! with `--kill-on-bad-exit` (one server failing ends them all), `--input=all`
 //! (the key reaches every server on its stdin, and the end of stdin stops
-//! them all) and `--label` (each server's announcement names its task).
+//! them all) and, for more than one node, `--label` (each server's
+//! announcement names its task).
 
 use std::process::Command;
 
@@ -97,14 +98,14 @@ impl Launcher for Slurm {
         let mut cmd = Command::new("srun");
         cmd.args(["--nodes", &n, "--ntasks", &n, "--ntasks-per-node=1"])
             .arg(format!("--nodelist={}", hosts.join(",")))
-            .args([
-                "--kill-on-bad-exit=1",
-                "--input=all",
-                "--label",
-                "--overlap",
-            ])
+            .args(["--kill-on-bad-exit=1", "--input=all", "--overlap"])
             .arg(format!("--export={export}"))
             .args(&self.extra);
+        // ServerProcess reads a `N: ` label only from a process serving
+        // several nodes; one node's lines must come unlabelled.
+        if nodes.len() > 1 {
+            cmd.arg("--label");
+        }
         // One binary for the step: the first node's (Slurm runs the same
         // path everywhere).
         cmd.arg(plan.binary_for(&nodes[0]));
