@@ -77,12 +77,16 @@ pid_of() {
 }
 
 STOP_WAIT_S=5 # a daemon that ignores TERM this long gets KILL
+KILL_WAIT_S=2 # a KILLed process is gone within milliseconds; this is slack
 
+# Returns once the process is gone, so that the check for leftovers after
+# a stop never finds one still dying of its KILL.
 stop_pid() {
     local pid=$1
     kill -TERM "$pid" 2>/dev/null || return 0
     wait_until "$STOP_WAIT_S" eval "! alive $pid" && return 0
     kill -KILL "$pid" 2>/dev/null || true
+    wait_until "$KILL_WAIT_S" eval "! alive $pid" || true
 }
 
 descendants() {

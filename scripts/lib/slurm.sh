@@ -11,6 +11,10 @@ SLURMD_PORT_FIRST=17001    # the recipe's node ports
 SLURM_NODES=(n1 n2)
 SLURM_IDLE_WAIT_S=30 # both nodes were idle about 4 s after start in the recipe
 SRUN_LIMIT_S=60
+# A cancelled step's slurmstepd took about 2.5 s to end here; a slurmd
+# stopped before that keeps running, and so does the step.
+STEPS_END_WAIT_S=15
+SLURM_STOP_WAIT_S=15 # scontrol shutdown to the last daemon gone: 0.2 s, or seconds when a slurmd is busy
 
 start_munged() {
     local m=$1/munge
@@ -114,19 +118,37 @@ start_slurm() {
     export MINIRAY_TEST_SLURM=1
 }
 
-# scontrol shutdown is the recipe's stop (slurmctld and both slurmd); the
-# pid files then catch whatever did not go.
+# This run's Slurm daemons named COMM (a regular expression), by pid.
+slurm_daemons_of() {
+    local pid comm dir
+    daemons_of_runs | while read -r pid comm dir; do
+        [[ $comm =~ ^($2)$ && $dir == "$1" ]] && echo "$pid"
+    done
+    return 0
+}
+no_stepds() { [[ -z $(slurm_daemons_of "$1" slurmstepd) ]]; }
+no_slurm_daemons() { [[ -z $(slurm_daemons_of "$1" 'slurmctld|slurmd|slurmstepd') ]]; }
+
+# scontrol shutdown is the recipe's stop (slurmctld and both slurmd), once
+# the jobs a test left are cancelled and their steps ended. A slurmd
+# removes its pid file as it begins to shut down, and may take seconds
+# more, so the daemons are found by their run directory; whichever is
+# still there after that gets TERM, then KILL.
 stop_slurm() {
-    local dir=$1 pid node
+    local dir=$1 pid
     [[ -f $dir/slurm.conf ]] || return 0
     if pid_of "$dir/slurm/slurmctld.pid" >/dev/null; then
         SLURM_CONF=$dir/slurm.conf timeout 10 scancel --user="$(id -un)" 2>/dev/null || true
+        wait_until "$STEPS_END_WAIT_S" no_stepds "$dir" ||
+            note "steps still ending after ${STEPS_END_WAIT_S} s:" \
+                "$(slurm_daemons_of "$dir" slurmstepd | tr '\n' ' ')"
         SLURM_CONF=$dir/slurm.conf timeout 10 scontrol shutdown >/dev/null 2>&1 || true
+        wait_until "$SLURM_STOP_WAIT_S" no_slurm_daemons "$dir" || true
     fi
-    for node in "${SLURM_NODES[@]}"; do
-        if pid=$(pid_of "$dir/slurm/slurmd-$node.pid"); then stop_pid "$pid"; fi
+    for pid in $(slurm_daemons_of "$dir" 'slurmctld|slurmd|slurmstepd'); do
+        note "stopping $(cat "/proc/$pid/comm" 2>/dev/null) $pid, still running after shutdown"
+        stop_pid "$pid"
     done
-    if pid=$(pid_of "$dir/slurm/slurmctld.pid"); then stop_pid "$pid"; fi
 }
 
 stop_munged() {
