@@ -13,6 +13,7 @@ declare -A PACKAGE_OF=(
     [ip]=iproute2
     [ss]=iproute2
     [pgrep]=procps
+    [python3]=python3
 )
 
 missing_packages() {
