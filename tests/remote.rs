@@ -51,6 +51,9 @@ fn main() {
         case!(a_dropped_client_ends_its_worker),
         case!(a_killed_server_gives_the_client_an_error),
         case!(a_server_full_of_handshakes_says_busy),
+        case!(a_server_at_its_worker_cap_refuses_more),
+        case!(a_server_on_ipv6_loopback_serves),
+        case!(sigterm_stops_a_server_and_ends_its_workers),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -424,4 +427,74 @@ fn a_server_full_of_handshakes_says_busy(_: &Server) {
     drop(w);
     stop.shutdown();
     running.join().unwrap().unwrap();
+}
+
+fn a_server_at_its_worker_cap_refuses_more(_: &Server) {
+    let server = WorkerServer::builder()
+        .max_workers(1)
+        .stop_on_sigterm(false)
+        .build(key())
+        .unwrap();
+    let (addr, stop) = (server.local_addr(), server.shutdown_handle());
+    let running = std::thread::spawn(move || server.run());
+    let mut first = Worker::connect(addr, "sleeper", &key()).unwrap();
+    let pid: u32 = first.recv_timeout(util::STEP).unwrap();
+    match Worker::connect(addr, "echo", &key()) {
+        Err(Error::Refused { reason, .. }) => assert!(reason.contains("limit of 1"), "{reason}"),
+        other => panic!("expected a refusal at the worker cap, got {other:?}"),
+    }
+    first.kill().unwrap();
+    first.wait_timeout(util::STEP).unwrap();
+    assert!(util::eventually(util::STEP, || !util::process_exists(pid)));
+    // Its place is free again.
+    let mut again = None;
+    assert!(util::eventually(util::STEP, || {
+        again = Worker::connect(addr, "echo", &key()).ok();
+        again.is_some()
+    }));
+    drop(again);
+    stop.shutdown();
+    running.join().unwrap().unwrap();
+}
+
+fn a_server_on_ipv6_loopback_serves(_: &Server) {
+    let server = WorkerServer::builder()
+        .bind("[::1]:0")
+        .stop_on_sigterm(false)
+        .build(key())
+        .expect("bind [::1]: IPv6 loopback must be up");
+    let (addr, stop) = (server.local_addr(), server.shutdown_handle());
+    assert!(addr.is_ipv6());
+    let running = std::thread::spawn(move || server.run());
+    let mut w = Worker::connect(addr, "echo", &key()).unwrap();
+    w.send(&"over IPv6".to_string()).unwrap();
+    assert_eq!(w.recv_timeout::<String>(util::STEP).unwrap(), "over IPv6");
+    w.close().unwrap();
+    assert!(w.wait_timeout(util::STEP).unwrap().success());
+    stop.shutdown();
+    running.join().unwrap().unwrap();
+}
+
+fn sigterm_stops_a_server_and_ends_its_workers(_: &Server) {
+    let mut server = ServerProcess::start();
+    let mut w = Worker::connect(server.addr, "sleeper", &key()).unwrap();
+    let pid: u32 = w.recv_timeout(util::STEP).unwrap();
+    let sent = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = server.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the server stopped cleanly on SIGTERM: {status}"
+    );
+    assert!(
+        util::eventually(util::STEP, || !util::process_exists(pid)),
+        "its worker {pid} was ended"
+    );
+    match w.recv_timeout::<u32>(util::STEP) {
+        Err(Error::WorkerDied { status, .. }) => assert_eq!(status, ExitStatus::Signaled(9)),
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
 }
