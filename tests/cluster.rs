@@ -41,22 +41,7 @@ fn main() {
         case!(stop_is_idempotent_and_leaves_no_process),
         case!(a_killed_coordinator_leaves_no_process),
     ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let _w = util::watchdog(name, LIMIT);
-        let outcome = match panic::catch_unwind(case) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!("test {name} ... {outcome}");
-    }
-    println!("cluster: {} passed, {failed} failed", cases.len() - failed);
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    util::run_plain_cases("cluster", LIMIT, util::nothing, &cases);
 }
 
 fn two_nodes() -> Cluster {

@@ -71,35 +71,7 @@ fn main() {
         case!(netns_a_cut_node_and_a_killed_node_fail_their_calls_only),
         case!(ssh_a_killed_coordinator_leaves_no_process),
     ];
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let mut ran = 0;
-    let mut failed = 0;
-    for (name, case) in cases {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let _w = util::watchdog_then(name, LIMIT, remove_namespaces);
-        let started = Instant::now();
-        let outcome = match panic::catch_unwind(case) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!(
-            "test {name} ... {outcome} ({:.1} s)",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    println!("cluster_real: {} passed, {failed} failed", ran - failed);
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    util::run_plain_cases("cluster_real", LIMIT, remove_namespaces, &cases);
 }
 
 /// The variable `name`, or a failure saying how to get the real part it

@@ -45,22 +45,7 @@ fn main() {
         case!(a_set_mixes_forked_and_execd_workers),
         case!(execd_workers_die_with_the_thread_that_spawned_them),
     ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let _w = util::watchdog(name, LIMIT);
-        let outcome = match panic::catch_unwind(case) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!("test {name} ... {outcome}");
-    }
-    println!("exec: {} passed, {failed} failed", cases.len() - failed);
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    util::run_plain_cases("exec", LIMIT, util::nothing, &cases);
 }
 
 /// Two threads that stay alive until `main` ends, so every worker here is

@@ -11,12 +11,13 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader, Read};
-use std::panic;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use util::ServerProcess;
 
 use miniray::{Error, Handle, Received, SharedBuf};
 
@@ -46,31 +47,13 @@ fn main() {
         ("tensor_sum", tensor_sum),
     ]);
     require_python();
-    let server = ServerProcess::start();
+    let mut server = ServerProcess::start(KEY);
     let cases = [
         case!(the_python_client_drives_workers),
         case!(a_wrong_key_is_refused_with_code_key),
     ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let _w = util::watchdog(name, LIMIT);
-        let outcome = match panic::catch_unwind(|| case(&server)) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!("test {name} ... {outcome}");
-    }
-    println!(
-        "foreign_client: {} passed, {failed} failed",
-        cases.len() - failed
-    );
-    drop(server); // `exit` runs no destructor: end the server first.
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    let cases = cases.map(|(name, case)| (name, move |s: &mut ServerProcess| case(s)));
+    util::run_cases("foreign_client", LIMIT, util::nothing, &mut server, &cases);
 }
 
 // -- entry points the client uses ---------------------------------------------
@@ -144,7 +127,7 @@ fn tensor_sum(h: &mut Handle) -> miniray::Result<()> {
 // -- cases ----------------------------------------------------------------------
 
 fn the_python_client_drives_workers(server: &ServerProcess) {
-    let run = run_client(&[&server.addr, KEY]);
+    let run = run_client(&[&server.addr.to_string(), KEY]);
     print!("{}", run.stdout);
     assert!(
         run.passed && run.stdout.contains("all 10 scenarios passed"),
@@ -153,7 +136,12 @@ fn the_python_client_drives_workers(server: &ServerProcess) {
 }
 
 fn a_wrong_key_is_refused_with_code_key(server: &ServerProcess) {
-    let run = run_client(&[&server.addr, WRONG_KEY, "--expect-refused", "KEY"]);
+    let run = run_client(&[
+        &server.addr.to_string(),
+        WRONG_KEY,
+        "--expect-refused",
+        "KEY",
+    ]);
     print!("{}", run.stdout);
     assert!(
         run.passed && run.stdout.contains("REFUSE KEY"),
@@ -254,38 +242,3 @@ fn wait_within(child: &mut Child, limit: Duration) -> (bool, String) {
 }
 
 // -- the server -------------------------------------------------------------------
-
-/// A server in a process of its own, started by `dispatch`'s server mode,
-/// as a cluster would run it.
-struct ServerProcess {
-    child: Child,
-    addr: String,
-}
-
-impl ServerProcess {
-    fn start() -> ServerProcess {
-        let mut child = Command::new(std::env::current_exe().expect("this test binary"))
-            .env(miniray::ENV_SERVE, "127.0.0.1:0")
-            .env(miniray::ENV_KEY, KEY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a server process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped stdout"))
-            .read_line(&mut line)
-            .expect("the server's first line");
-        let addr = line
-            .strip_prefix(miniray::LISTENING)
-            .map(|a| a.trim().to_string())
-            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
-            .unwrap_or_else(|| panic!("expected `{} ADDR`, got {line:?}", miniray::LISTENING));
-        ServerProcess { child, addr }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}

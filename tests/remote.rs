@@ -8,10 +8,11 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
 use std::panic;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+use util::ServerProcess;
 
 use miniray::{DType, Error, ExitStatus, Handle, Key, Tensor, Worker, WorkerServer, Workers};
 
@@ -29,7 +30,7 @@ macro_rules! case {
 
 fn main() {
     miniray::dispatch(&[
-        ("echo", echo),
+        ("echo", util::echo),
         ("fails", fails),
         ("tensor_echo", tensor_echo),
         ("forward_sum", forward_sum),
@@ -37,7 +38,7 @@ fn main() {
         ("forward_to_exec", forward_to_exec),
         ("sum_and_look", sum_and_look),
     ]);
-    let server = Server::start();
+    let mut server = Server::start();
     let cases = [
         case!(round_trips_with_every_blocking_mode),
         case!(a_256_mib_tensor_both_ways),
@@ -55,22 +56,8 @@ fn main() {
         case!(a_server_on_ipv6_loopback_serves),
         case!(sigterm_stops_a_server_and_ends_its_workers),
     ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let _w = util::watchdog(name, LIMIT);
-        let outcome = match panic::catch_unwind(|| case(&server)) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!("test {name} ... {outcome}");
-    }
-    println!("remote: {} passed, {failed} failed", cases.len() - failed);
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    let cases = cases.map(|(name, case)| (name, move |s: &mut Server| case(s)));
+    util::run_cases("remote", LIMIT, util::nothing, &mut server, &cases);
 }
 
 /// A server running in a thread of this process.
@@ -110,16 +97,6 @@ fn key() -> Key {
 }
 
 // -- entry points ------------------------------------------------------------
-
-fn echo(h: &mut Handle) -> miniray::Result<()> {
-    loop {
-        match h.recv::<String>() {
-            Ok(text) => h.send(&text)?,
-            Err(Error::Disconnected) => return Ok(()),
-            Err(err) => return Err(err),
-        }
-    }
-}
 
 fn fails(h: &mut Handle) -> miniray::Result<()> {
     let _: () = h.recv()?;
@@ -234,7 +211,7 @@ fn a_256_mib_tensor_both_ways(server: &Server) {
 
 fn a_set_mixes_local_and_remote_workers(server: &Server) {
     let mut set = Workers::new(Vec::new());
-    set.push(Worker::spawn(echo).unwrap());
+    set.push(Worker::spawn(util::echo).unwrap());
     set.push(server.connect("echo"));
     set.push(Worker::exec("echo").unwrap());
     set.push(server.connect("echo"));
@@ -335,41 +312,8 @@ fn a_dropped_client_ends_its_worker(server: &Server) {
     );
 }
 
-/// A server in a process of its own, started by `dispatch`'s server mode.
-struct ServerProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl ServerProcess {
-    fn start() -> ServerProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env(miniray::ENV_SERVE, "127.0.0.1:0")
-            .env("MINIRAY_KEY", KEY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a server process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("the server's first line");
-        let addr = line
-            .strip_prefix(miniray::LISTENING)
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("expected `{} ADDR`, got {line:?}", miniray::LISTENING));
-        ServerProcess { child, addr }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn a_killed_server_gives_the_client_an_error(_: &Server) {
-    let mut server = ServerProcess::start();
+    let mut server = ServerProcess::start(KEY);
     let mut w = Worker::connect(server.addr, "tensor_echo", &key()).unwrap();
     let t = Tensor::zeros(DType::U32, &[1 << 20]).unwrap();
     w.send_attached(&(), vec![t.into()]).unwrap();
@@ -476,7 +420,7 @@ fn a_server_on_ipv6_loopback_serves(_: &Server) {
 }
 
 fn sigterm_stops_a_server_and_ends_its_workers(_: &Server) {
-    let mut server = ServerProcess::start();
+    let mut server = ServerProcess::start(KEY);
     let mut w = Worker::connect(server.addr, "sleeper", &key()).unwrap();
     let pid: u32 = w.recv_timeout(util::STEP).unwrap();
     let sent = Command::new("kill")

@@ -20,10 +20,9 @@
 
 mod util;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -36,6 +35,7 @@ use miniray::rkyv::validation::ArchiveContext;
 use miniray::rkyv::{Archive, Deserialize, Serialize};
 use miniray::{Error, Handle, Key, Worker};
 use sha2::Sha256;
+use util::ServerProcess;
 
 /// Each case's limit; a correct run of any of them takes seconds.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -68,8 +68,8 @@ macro_rules! case {
 }
 
 fn main() {
-    miniray::dispatch(&[("echo", echo), ("victim", victim)]);
-    let mut server = ServerProcess::start();
+    miniray::dispatch(&[("echo", util::echo), ("victim", victim)]);
+    let mut server = ServerProcess::start(KEY);
     let cases = [
         case!(random_bytes_as_a_client),
         case!(a_truncated_header_closed_or_left_open),
@@ -82,25 +82,7 @@ fn main() {
         case!(a_huge_region_claim_costs_what_arrived),
         case!(connections_past_max_pending_are_closed_at_once),
     ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let _w = util::watchdog(name, LIMIT);
-        let outcome = match panic::catch_unwind(panic::AssertUnwindSafe(|| case(&mut server))) {
-            Ok(()) => "ok",
-            Err(_) => {
-                failed += 1;
-                "FAILED"
-            }
-        };
-        println!("test {name} ... {outcome}");
-    }
-    println!(
-        "remote_hostile: {} passed, {failed} failed",
-        cases.len() - failed
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    util::run_cases("remote_hostile", LIMIT, util::nothing, &mut server, &cases);
 }
 
 fn key() -> Key {
@@ -108,16 +90,6 @@ fn key() -> Key {
 }
 
 // -- entry points ------------------------------------------------------------
-
-fn echo(h: &mut Handle) -> miniray::Result<()> {
-    loop {
-        match h.recv::<String>() {
-            Ok(text) => h.send(&text)?,
-            Err(Error::Disconnected) => return Ok(()),
-            Err(err) => return Err(err),
-        }
-    }
-}
 
 /// The worker of a hostile client: answers each chain with its depth, and
 /// ends with the first error it meets (end of stream included), which its
@@ -170,15 +142,6 @@ fn hand_built_chain(depth: usize) -> Vec<u8> {
 
 // -- the server and what it uses ---------------------------------------------
 
-/// A server in a process of its own, started by `dispatch`'s server mode.
-/// Its key goes over stdin, which it watches: if this process dies (its
-/// watchdog fired, say), the server stops and no process is left behind.
-struct ServerProcess {
-    child: Child,
-    _stdin: ChildStdin,
-    addr: SocketAddr,
-}
-
 /// What a server process holds, read from `/proc`.
 #[derive(Clone, Copy, Debug)]
 struct Usage {
@@ -189,32 +152,6 @@ struct Usage {
 }
 
 impl ServerProcess {
-    fn start() -> ServerProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env(miniray::ENV_SERVE, "127.0.0.1:0")
-            .env(miniray::ENV_KEY_STDIN, "1")
-            .env_remove(miniray::ENV_KEY)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a server process");
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "{KEY}").expect("give the server its key");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("the server's first line");
-        let addr = line
-            .strip_prefix(miniray::LISTENING)
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("expected `{} ADDR`, got {line:?}", miniray::LISTENING));
-        ServerProcess {
-            child,
-            _stdin: stdin,
-            addr,
-        }
-    }
-
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -286,13 +223,6 @@ impl ServerProcess {
         );
         w.close().unwrap();
         assert!(w.wait_timeout(util::STEP).unwrap().success());
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -458,3 +458,123 @@ pub fn processes_showing(needle: &[u8]) -> Vec<(u32, &'static str)> {
     }
     found
 }
+
+/// Runs the cases of a test target without the harness (its `main` must
+/// call `miniray::dispatch` first), in order, each on `context` under a
+/// watchdog of `limit` that runs `on_hang` before it ends the process.
+/// Arguments that do not start with `-` keep only the cases whose name
+/// holds one of them. Prints a line per case and a summary, and exits
+/// with status 1 if a case failed.
+pub fn run_cases<C, F: Fn(&mut C)>(
+    target: &str,
+    limit: Duration,
+    on_hang: fn(),
+    context: &mut C,
+    cases: &[(&'static str, F)],
+) {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut ran, mut failed) = (0, 0);
+    for (name, case) in cases {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let _w = watchdog_then(name, limit, on_hang);
+        let started = std::time::Instant::now();
+        let run = std::panic::AssertUnwindSafe(|| case(context));
+        let outcome = match std::panic::catch_unwind(run) {
+            Ok(()) => "ok",
+            Err(_) => {
+                failed += 1;
+                "FAILED"
+            }
+        };
+        let took = started.elapsed().as_secs_f64();
+        println!("test {name} ... {outcome} ({took:.1} s)");
+    }
+    println!("{target}: {} passed, {failed} failed", ran - failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// As [`run_cases`], for cases that take nothing.
+pub fn run_plain_cases(
+    target: &str,
+    limit: Duration,
+    on_hang: fn(),
+    cases: &[(&'static str, fn())],
+) {
+    let cases: Vec<_> = cases
+        .iter()
+        .map(|&(name, f)| (name, move |_: &mut ()| f()))
+        .collect();
+    run_cases(target, limit, on_hang, &mut (), &cases);
+}
+
+/// Nothing to clean up when a case hangs.
+pub fn nothing() {}
+
+/// A `WorkerServer` in a process of its own: this test binary started
+/// again with `MINIRAY_SERVE=127.0.0.1:0`, as a cluster runs one. Its key
+/// goes in on stdin, so the server also stops when this process ends,
+/// whatever way. Killed on drop.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    pub addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts it with `key` and reads the address it announces.
+    pub fn start(key: &str) -> ServerProcess {
+        use std::io::{BufRead, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe().expect("this test binary"))
+            .env(miniray::ENV_SERVE, "127.0.0.1:0")
+            .env(miniray::ENV_KEY_STDIN, "1")
+            .env_remove(miniray::ENV_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a server process");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        writeln!(stdin, "{key}").expect("give the server its key");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("the server's first line");
+        let addr = line
+            .strip_prefix(miniray::LISTENING)
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("expected `{} ADDR`, got {line:?}", miniray::LISTENING));
+        ServerProcess {
+            child,
+            stdin: Some(stdin),
+            addr,
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An entry point that sends back every `String` it gets, until its
+/// client closes.
+pub fn echo(h: &mut miniray::Handle) -> miniray::Result<()> {
+    loop {
+        match h.recv::<String>() {
+            Ok(text) => h.send(&text)?,
+            Err(miniray::Error::Disconnected) => return Ok(()),
+            Err(err) => return Err(err),
+        }
+    }
+}
