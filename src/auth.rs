@@ -57,7 +57,7 @@ use bytemuck::{Pod, Zeroable};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::codec::{FrameHeader, HEADER_LEN, MAGIC, VERSION, kind};
+use crate::codec::{FrameHeader, HEADER_LEN, kind};
 use crate::wait::Wait;
 use crate::{Error, Result};
 
@@ -496,7 +496,10 @@ impl AuthFrame {
     fn encode(&self) -> Vec<u8> {
         let payload_len = AUTH_BODY_LEN + self.text.len();
         let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
-        out.extend_from_slice(bytemuck::bytes_of(&auth_header(payload_len)));
+        out.extend_from_slice(bytemuck::bytes_of(&FrameHeader::new(
+            kind::AUTH,
+            payload_len,
+        )));
         out.extend_from_slice(bytemuck::bytes_of(&self.body));
         out.extend_from_slice(self.text.as_bytes());
         out
@@ -592,23 +595,6 @@ fn cut_text(text: &str) -> &str {
     &text[..end]
 }
 
-/// The header of a handshake frame with `payload_len` bytes of payload.
-/// (`FrameHeader::new` is private to the codec; the fields are all there
-/// is to it.)
-fn auth_header(payload_len: usize) -> FrameHeader {
-    FrameHeader {
-        magic: MAGIC,
-        version: VERSION,
-        kind: kind::AUTH,
-        attachments: 0,
-        flags: 0,
-        payload_len: payload_len as u64,
-        type_id: 0,
-        data_len: 0,
-        reserved: 0,
-    }
-}
-
 /// Checks a header read during the handshake and returns its payload's
 /// length, at most [`MAX_AUTH_PAYLOAD`]: nothing longer is ever read from
 /// a peer that has not authenticated.
@@ -620,18 +606,7 @@ fn auth_header(payload_len: usize) -> FrameHeader {
 /// bounds.
 pub(crate) fn check_auth_header(header: &FrameHeader) -> Result<usize> {
     let protocol = |what: String| Err(Error::Protocol(what));
-    if header.magic != MAGIC {
-        return protocol(format!(
-            "bad frame magic {:#010x} (expected {MAGIC:#010x}): the peer is not speaking MiniRay",
-            header.magic
-        ));
-    }
-    if header.version != VERSION {
-        return protocol(format!(
-            "protocol version {} (this build speaks {VERSION}): build both sides from the same release",
-            header.version
-        ));
-    }
+    header.check_identity()?;
     if header.kind != kind::AUTH {
         return protocol(format!(
             "frame of kind {} during the handshake (expected AUTH, {})",
@@ -1196,7 +1171,7 @@ mod tests {
     fn a_slow_client_runs_into_the_deadline() {
         const DRIBBLE: Duration = Duration::from_millis(200);
         const SERVER_DEADLINE: Duration = Duration::from_secs(1);
-        let header = auth_header(AUTH_BODY_LEN);
+        let header = FrameHeader::new(kind::AUTH, AUTH_BODY_LEN);
         // One byte each 200 ms: the header alone would take 9.6 s, and
         // the client stops there, so only the deadline ends it with a
         // timeout (a per-read timeout would end it at EOF instead).
@@ -1255,14 +1230,14 @@ mod tests {
     fn garbage_from_a_client_is_an_error() {
         let random_bytes: [u8; 300] = random().unwrap();
         assert!(server_on(random_bytes.to_vec()).is_err());
-        let header = bytemuck::bytes_of(&auth_header(AUTH_BODY_LEN + 5)).to_vec();
+        let header = bytemuck::bytes_of(&FrameHeader::new(kind::AUTH, AUTH_BODY_LEN + 5)).to_vec();
         assert!(matches!(
             server_on(header[..20].to_vec()),
             Err(Error::Disconnected)
         ));
         let huge = FrameHeader {
             payload_len: 100 << 30,
-            ..auth_header(0)
+            ..FrameHeader::new(kind::AUTH, 0)
         };
         let huge = bytemuck::bytes_of(&huge).to_vec();
         assert!(matches!(server_on(huge), Err(Error::Protocol(m)) if m.contains("bytes")));
@@ -1271,16 +1246,20 @@ mod tests {
             code: 0,
             ..AuthBody::zeroed()
         };
-        let wrong_step = frame_bytes(auth_header(AUTH_BODY_LEN), wrong_step, b"");
+        let wrong_step = frame_bytes(FrameHeader::new(kind::AUTH, AUTH_BODY_LEN), wrong_step, b"");
         assert!(matches!(server_on(wrong_step), Err(Error::Protocol(m)) if m.contains("RESPONSE")));
         let reserved = AuthBody {
             reserved: 1,
             ..response_body()
         };
-        let reserved = frame_bytes(auth_header(AUTH_BODY_LEN + 5), reserved, b"train");
+        let reserved = frame_bytes(
+            FrameHeader::new(kind::AUTH, AUTH_BODY_LEN + 5),
+            reserved,
+            b"train",
+        );
         assert!(matches!(server_on(reserved), Err(Error::Protocol(m)) if m.contains("reserved")));
         let long = frame_bytes(
-            auth_header(AUTH_BODY_LEN + 1025),
+            FrameHeader::new(kind::AUTH, AUTH_BODY_LEN + 1025),
             response_body(),
             &[b'a'; 1025],
         );
@@ -1357,7 +1336,7 @@ mod tests {
 
     #[test]
     fn auth_headers_are_checked() {
-        let ok = auth_header(AUTH_BODY_LEN);
+        let ok = FrameHeader::new(kind::AUTH, AUTH_BODY_LEN);
         assert_eq!(check_auth_header(&ok).unwrap(), AUTH_BODY_LEN);
         let patches: [fn(&mut FrameHeader); 8] = [
             |h| h.magic = 0,

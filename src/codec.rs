@@ -528,18 +528,7 @@ impl FrameHeader {
     /// in the stream.
     pub fn check(&self, limits: &Limits, inline_data: bool) -> Result<usize> {
         let protocol = |what: String| Err(Error::Protocol(what));
-        if self.magic != MAGIC {
-            return protocol(format!(
-                "bad frame magic {:#010x} (expected {MAGIC:#010x}): the peer is not speaking MiniRay",
-                self.magic
-            ));
-        }
-        if self.version != VERSION {
-            return protocol(format!(
-                "protocol version {} (this build speaks {VERSION}): build both sides from the same release",
-                self.version
-            ));
-        }
+        self.check_identity()?;
         if self.flags != 0 || self.reserved != 0 || (self.data_len != 0 && !inline_data) {
             return protocol("reserved header fields are not zero".into());
         }
@@ -552,6 +541,23 @@ impl FrameHeader {
             kind::CLOSE => self.check_control(0..=0),
             other => protocol(format!("unknown frame kind {other}")),
         }
+    }
+
+    /// The magic and the version: is the peer speaking this protocol?
+    pub(crate) fn check_identity(&self) -> Result<()> {
+        if self.magic != MAGIC {
+            return Err(Error::Protocol(format!(
+                "bad frame magic {:#010x} (expected {MAGIC:#010x}): the peer is not speaking MiniRay",
+                self.magic
+            )));
+        }
+        if self.version != VERSION {
+            return Err(Error::Protocol(format!(
+                "protocol version {} (this build speaks {VERSION}): build both sides from the same release",
+                self.version
+            )));
+        }
+        Ok(())
     }
 
     fn check_message(&self, limits: &Limits) -> Result<usize> {
@@ -941,5 +947,38 @@ mod tests {
         .to_vec();
         body.extend_from_slice(b"boom");
         assert_eq!(parse_exit(&body).unwrap(), (101, "boom".to_string()));
+    }
+
+    #[test]
+    fn env_frames_round_trip_and_bad_ones_are_refused() {
+        let frame = env_frame(&[("RANK", "3"), ("EMPTY", ""), ("EQ", "a=b")]).unwrap();
+        let header: FrameHeader = bytemuck::pod_read_unaligned(&frame[..HEADER_LEN]);
+        assert_eq!(
+            header,
+            FrameHeader::new(kind::ENV, frame.len() - HEADER_LEN)
+        );
+        let vars = parse_env(&frame[HEADER_LEN..]).unwrap();
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = [("RANK", "3"), ("EMPTY", ""), ("EQ", "a=b")]
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(vars, expected);
+        assert!(parse_env(b"").unwrap().is_empty());
+        // Made: no empty name, no '=' or NUL in a name, no NUL in a value.
+        for (name, value) in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")] {
+            assert!(
+                matches!(env_frame(&[(name, value)]), Err(Error::Encode(_))),
+                "{name:?}"
+            );
+        }
+        let huge = "x".repeat(MAX_ENV_BYTES);
+        assert!(matches!(
+            env_frame(&[("BIG", huge.as_str())]),
+            Err(Error::Encode(_))
+        ));
+        // Read: NUL-ended entries, each with a non-empty name before '='.
+        for bad in [&b"A=1"[..], b"=1\0", b"NOEQUALS\0", b"A=1\0\0"] {
+            assert!(matches!(parse_env(bad), Err(Error::Protocol(_))), "{bad:?}");
+        }
     }
 }
