@@ -29,13 +29,9 @@ pub(crate) fn decode_attachments(
         let decoded = match desc.kind {
             // The transport checked the kind, lengths and sum already.
             attach::STREAM => match landed.next() {
-                Some(landing) => Ok(typed(
-                    &desc,
-                    BufView::landed(landing, desc.len_bytes as usize),
-                )),
+                Some(landing) => typed(&desc, BufView::landed(landing, desc.len_bytes as usize)),
                 None => Err(Error::Protocol("attachment without its bytes".into())),
-            }
-            .and_then(|r| r),
+            },
             _ => decode_one(&desc, &mut fds, pools, (keep_fds, max_region_bytes)),
         };
         match decoded {

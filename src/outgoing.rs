@@ -136,9 +136,10 @@ impl Prepared {
             .collect()
     }
 
-    /// All peers have their share. The frame left: views passed on to a descriptor-passing peer are
-    /// that peer's to give back now; over a stream (`streamed`), their
-    /// bytes were copied out and they are simply dropped.
+    /// Every peer has its share: views passed on to descriptor-passing
+    /// peers are theirs to give back now, so they go without releasing;
+    /// over a stream (`streamed`) their bytes were copied out, and they are
+    /// simply dropped.
     pub(crate) fn finish(self, streamed: bool) {
         if streamed {
             return;
@@ -193,9 +194,8 @@ impl Prepared {
     /// they take for its peer (undone if describing fails half-way). What
     /// the peer's `limits` would refuse is refused here, before anything
     /// is held: a region too large, or more descriptors than a frame may
-    /// carry.
-    /// A view that cannot be forwarded to a descriptor-passing peer is
-    /// refused here too.
+    /// carry; and, for a descriptor-passing peer, a view that cannot be
+    /// forwarded.
     pub(crate) fn describe(
         &self,
         link: &mut dyn PoolPeer,

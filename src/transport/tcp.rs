@@ -94,6 +94,7 @@ impl TcpTx {
         let sock = self.sock.as_fd();
         let (mut at, mut offset) = (0, 0);
         let mut started = false;
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
         while at < pieces.len() {
             if offset == pieces[at].len() {
                 (at, offset) = (at + 1, 0);
@@ -102,7 +103,10 @@ impl TcpTx {
             let fail = |error| WriteError { started, error };
             let sent = match pieces[at] {
                 Piece::File(fd, len) => sys::sendfile(sock, fd, offset as u64, len - offset),
-                Piece::Bytes(_) => sys::send_msg(sock, &slices(&pieces[at..], offset), &[]),
+                Piece::Bytes(_) => {
+                    let n = slices(&pieces[at..], offset, &mut iov);
+                    sys::send_msg(sock, &iov[..n], &[])
+                }
             };
             match sent {
                 // A memfd shorter than its descriptor said: it cannot be,
@@ -162,9 +166,11 @@ fn pieces<'a>(frame: &OutFrame<'a>) -> Result<Vec<Piece<'a>>> {
     Ok(pieces)
 }
 
-/// The memory pieces from `pieces[0]` (at `offset`) up to the first file.
-fn slices<'a>(pieces: &[Piece<'a>], offset: usize) -> Vec<IoSlice<'a>> {
-    pieces
+/// The memory pieces from `pieces[0]` (at `offset`) up to the first file,
+/// at most [`MAX_IOV`], into `iov`; returns how many. On the stack: a send
+/// allocates nothing for them.
+fn slices<'a>(pieces: &[Piece<'a>], offset: usize, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+    let bytes = pieces
         .iter()
         .map_while(|p| match p {
             Piece::Bytes(b) => Some(*b),
@@ -172,10 +178,13 @@ fn slices<'a>(pieces: &[Piece<'a>], offset: usize) -> Vec<IoSlice<'a>> {
         })
         .enumerate()
         .map(|(i, b)| if i == 0 { &b[offset..] } else { b })
-        .filter(|b| !b.is_empty())
-        .take(MAX_IOV)
-        .map(IoSlice::new)
-        .collect()
+        .filter(|b| !b.is_empty());
+    let mut n = 0;
+    for (slot, b) in iov.iter_mut().zip(bytes) {
+        *slot = IoSlice::new(b);
+        n += 1;
+    }
+    n
 }
 
 impl TcpRx {
